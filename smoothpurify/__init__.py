@@ -1,0 +1,11 @@
+"""smoothpurify: backdoor purification of trained neural networks.
+
+The core is modality-agnostic: it knows tensors, ``nn.Module`` s and per-sample likelihoods,
+never images, Prefect or DVC. Modalities plug in through :mod:`smoothpurify.modality`.
+"""
+
+__version__ = "0.1.0"
+
+
+class SmoothPurifyError(Exception):
+    """An error caused by user input: the CLI prints its message as one line, no traceback."""

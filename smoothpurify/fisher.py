@@ -1,0 +1,292 @@
+"""Per-sample gradients, the Fisher diagonal and the Fisher trace (modality-agnostic).
+
+Notation (SFT paper Eq. 4-6, DESIGN.md §3): ``l_j(theta) = log p(y_j | x_j; theta) = -nll_j``.
+
+* ``diag(Fbar)_i = (1/n) sum_j (d l_j / d theta_i)^2`` over the whole clean validation set: a mean
+  of SQUARED PER-SAMPLE gradients, never the square of a batch-mean gradient.
+* ``Tr(F) = (1/B) sum_j ||grad_theta l_j||^2`` on a mini-batch, differentiable (second order).
+
+Both are taken w.r.t. the *tuned* parameters only. Gradients are of ``l_j`` (not ``nll_j``); the
+sign cancels in every square. Per-sample gradients need independent samples, so normalisation
+layers with running statistics run in eval mode inside every function here (flags restored).
+Dropout, if active, stays active, with an independent draw per sample.
+
+Two implementations of the trace:
+
+* :func:`fisher_trace` — ``torch.func.vmap(grad(...))``, any model, materialises one gradient per
+  sample and parameter (~16 plain steps for a 420k-parameter CNN). The reference.
+* :func:`spectral_fisher_trace` — for f-SFT (SFT paper §5.1): the per-sample gradient of a
+  singular-value shift is ``relu'(s_i + delta_i) * sum_t (u_i^T dl/dz_t)(v_i^T a_t)`` (``z = W a``;
+  ``t`` runs over tokens or conv positions). Every per-sample output gradient ``dl_j/dz`` comes from
+  ONE backward of ``sum_j l_j`` (samples are independent), so no weight-sized per-sample tensor
+  exists. This is the "ghost norm" idea of DP libraries; Opacus was evaluated and not used: its
+  hooks detach activations and backprops (no gradient of the trace), compute norms of ``W`` rather
+  than of the shifts, and do not see parameters that live inside parametrizations.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parametrize as P
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.likelihood import Likelihood
+from smoothpurify.model import call_model
+from smoothpurify.parametrize import SpectralShift
+
+FISHER_MODES = ("empirical", "true")
+_FAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def tuned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters that require grad; with :mod:`parametrize` these are e.g.
+    ``conv.parametrizations.weight.0.delta`` (shared tensors are listed once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def independent_samples(model: nn.Module) -> Iterator[None]:
+    """Normalisation layers with running statistics in eval mode, restored afterwards.
+
+    In train mode batch norm mixes the samples of a batch, so "per-sample gradient" would not be
+    defined (and vmap cannot update running statistics in place). LayerNorm/GroupNorm are
+    per-sample already.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    flags = [m.training for m in norms]
+    try:
+        for m in norms:
+            m.training = False
+        yield
+    finally:
+        for m, flag in zip(norms, flags):
+            m.training = flag
+
+
+def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _batch_size(targets: torch.Tensor) -> int:
+    if targets.dim() == 0 or targets.shape[0] == 0:
+        raise SmoothPurifyError("empty batch: the Fisher needs at least one sample")
+    return targets.shape[0]
+
+
+def per_sample_grads(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood,
+                     params: dict[str, torch.Tensor] | None = None, create_graph: bool = False,
+                     chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``{name: d l_j / d theta}`` of shape ``[B, *param.shape]`` for the tuned parameters.
+
+    ``inputs`` follows :func:`call_model` (tensor or tuple, every element batched on dim 0). With
+    ``create_graph`` the result is differentiable w.r.t. ``params`` (for Tr(F)); otherwise it is
+    computed without any outer graph. ``chunk_size`` bounds vmap's memory on large models.
+    """
+    params = dict(params) if params is not None else tuned_parameters(model)
+    _batch_size(targets)
+    xs = _as_tuple(inputs)
+
+    def loglik(p: dict[str, torch.Tensor], x: tuple[torch.Tensor, ...], y: torch.Tensor):
+        out = functional_call(model, p, tuple(t.unsqueeze(0) for t in x))
+        return -likelihood.nll(out, y.unsqueeze(0)).sum()
+
+    if not create_graph:
+        params = {n: p.detach() for n, p in params.items()}
+    per_sample = vmap(grad(loglik), in_dims=(None, 0, 0), randomness="different",
+                      chunk_size=chunk_size)
+    # An outer no_grad is respected by the transforms only outside them: grad still works.
+    with independent_samples(model), torch.set_grad_enabled(create_graph):
+        return per_sample(params, xs, targets)
+
+
+@torch.no_grad()
+def sample_targets(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Targets drawn from the model (the "true" Fisher), keeping ignored positions (padding)."""
+    with independent_samples(model):
+        sampled = likelihood.sample(call_model(model, inputs), generator)
+    ignore = getattr(likelihood, "ignore_index", None)
+    if ignore is not None:
+        sampled = torch.where(targets == ignore, targets, sampled)
+    return sampled.to(targets.dtype)
+
+
+def fisher_diagonal(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]],
+                    likelihood: Likelihood, mode: str = "empirical",
+                    generator: torch.Generator | None = None,
+                    params: dict[str, torch.Tensor] | None = None,
+                    chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``diag(Fbar)`` at the current parameters: mean over ALL samples of all batches of squared
+    per-sample gradients. ``mode="true"`` samples targets from the model (needs a seeded
+    ``generator`` to be reproducible); ``"empirical"`` (the papers' choice) uses the given ones."""
+    if mode not in FISHER_MODES:
+        raise SmoothPurifyError(f"unknown Fisher mode {mode!r}; choose one of {', '.join(FISHER_MODES)}")
+    params = dict(params) if params is not None else tuned_parameters(model)
+    sums = {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+            for n, p in params.items()}
+    n_samples = 0
+    for inputs, targets in batches:
+        if mode == "true":
+            targets = sample_targets(model, inputs, targets, likelihood, generator)
+        grads = per_sample_grads(model, inputs, targets, likelihood, params, chunk_size=chunk_size)
+        for name, g in grads.items():
+            sums[name] += g.pow(2).sum(0)
+        n_samples += targets.shape[0]
+    if n_samples == 0:
+        raise SmoothPurifyError("empty validation set: cannot compute the Fisher diagonal")
+    return {n: s / n_samples for n, s in sums.items()}
+
+
+def fisher_trace(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood,
+                 params: dict[str, torch.Tensor] | None = None,
+                 chunk_size: int | None = None) -> torch.Tensor:
+    """``Tr(F) = (1/B) sum_j ||grad l_j||^2`` over ``params`` (default: tuned), differentiable."""
+    params = dict(params) if params is not None else tuned_parameters(model)
+    batch = _batch_size(targets)
+    if not params:
+        return torch.zeros((), device=targets.device)
+    grads = per_sample_grads(model, inputs, targets, likelihood, params, create_graph=True,
+                             chunk_size=chunk_size)
+    return sum(g.reshape(batch, -1).pow(2).sum() for g in grads.values()) / batch
+
+
+# --- the fast path for spectral shifts -----------------------------------------------------------
+
+def _linear_projection(shift: SpectralShift, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B, r]``: ``sum_t (u_i^T g_t)(v_i^T a_t)`` with ``t`` over any middle (token) dims."""
+    b = a.shape[0]
+    a_v = a.reshape(b, -1, a.shape[-1]) @ shift.Vh.transpose(0, 1)
+    g_u = g.reshape(b, -1, g.shape[-1]) @ shift.U
+    return (a_v * g_u).sum(1)
+
+
+def _conv_projection(conv: nn.Module, shift: SpectralShift, a: torch.Tensor,
+                     g: torch.Tensor) -> torch.Tensor:
+    """``[B, r]`` for a conv: ``v_i^T patch_p`` is a convolution of the input with the rows of
+    ``Vh`` as filters (same stride/padding/dilation, any dimension, any padding mode), so no
+    unfold is needed; with groups, output channels of group ``k`` see only input group ``k``.
+    Costs about one forward of the layer."""
+    b, out = g.shape[:2]
+    groups, rank = conv.groups, shift.s.numel()
+    filters = shift.Vh.reshape(rank, *shift.shape[1:])
+    if groups > 1:
+        filters = filters.repeat(groups, *([1] * (filters.dim() - 1)))
+    a_v = conv._conv_forward(a, filters, None).reshape(b, groups, rank, -1)
+    g_u = torch.einsum("bgop,gor->bgrp", g.reshape(b, groups, out // groups, -1),
+                       shift.U.reshape(groups, out // groups, rank))
+    return (a_v * g_u).sum((1, 3))
+
+
+def _fast_owners(model: nn.Module, names: dict[int, str]) -> dict[int, tuple[SpectralShift, list]]:
+    """SpectralShifts whose delta is in the trace, with the Linear/Conv modules that own them."""
+    owners: dict[int, tuple[SpectralShift, list]] = {}
+    for module in model.modules():
+        if isinstance(module, _FAST_LAYERS) and P.is_parametrized(module, "weight"):
+            shift = module.parametrizations.weight[-1]
+            if isinstance(shift, SpectralShift) and id(shift.delta) in names:
+                owners.setdefault(id(shift), (shift, []))[1].append(module)
+    return owners
+
+
+def spectral_fisher_trace(model: nn.Module, inputs: Any, targets: torch.Tensor,
+                          likelihood: Likelihood,
+                          params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The same number as :func:`fisher_trace` (and the same gradient), computed for the spectral
+    shifts of Linear/Conv layers without per-sample weight gradients (module docstring).
+
+    Tuned biases of those layers are handled on the fast path as well (their per-sample gradient
+    is the output gradient summed over positions). A shift is only taken on the fast path if its
+    weight was read exactly once per call of its owning layers, with the batch on dim 0 of the
+    layer's input and output; anything else (attention in-projections, a weight read with
+    ``F.linear`` outside its module, norm parameters, non-spectral models) goes through
+    :func:`fisher_trace` restricted to those parameters, so the sum is always the full trace.
+
+    Assumption that cannot be checked cheaply: a layer that sees a tensor whose dim 0 has size
+    ``B`` sees the batch there (a sequence-first layout with ``T == B`` would be misattributed);
+    :func:`verify_spectral_trace` compares both paths once on a real batch.
+    """
+    params = dict(params) if params is not None else tuned_parameters(model)
+    batch = _batch_size(targets)
+    names = {id(p): n for n, p in params.items()}
+    owners = _fast_owners(model, names)
+    if not owners:
+        return fisher_trace(model, inputs, targets, likelihood, params)
+
+    calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    reads: dict[int, int] = {key: 0 for key in owners}
+
+    def record(module, args, output):
+        calls.setdefault(module, []).append((args[0], output))
+        # Downstream in-place ops (ReLU(inplace=True)) must not rewrite the tensor we
+        # differentiate w.r.t.: the network continues on a copy.
+        return output.clone()
+
+    def count(shift, _args, _output):
+        reads[id(shift)] += 1
+
+    with independent_samples(model):
+        handles = []
+        try:
+            for shift, modules in owners.values():
+                handles.append(shift.register_forward_hook(count))
+                handles += [m.register_forward_hook(record) for m in modules]
+            loglik = -likelihood.nll(call_model(model, inputs), targets)
+        finally:
+            for h in handles:
+                h.remove()
+
+        fast = []
+        for key, (shift, modules) in owners.items():
+            seen = [c for m in modules for c in calls.get(m, [])]
+            if reads[key] == len(seen) and seen and all(
+                    a.dim() > 1 and a.shape[0] == batch and z.shape[0] == batch for a, z in seen):
+                fast.append((shift, modules))
+        outputs = [z for _, modules in fast for m in modules for _, z in calls.get(m, [])]
+        trace = torch.zeros((), device=targets.device)
+        covered: set[str] = set()
+        if outputs:
+            # Samples are independent, so d(sum_j l_j)/dz_j = dl_j/dz_j for every sample at once.
+            out_grads = iter(torch.autograd.grad(loglik.sum(), outputs, create_graph=True,
+                                                 allow_unused=True, materialize_grads=True))
+            bias_grads: dict[str, torch.Tensor] = {}
+            for shift, modules in fast:
+                per_sample = 0
+                for module in modules:
+                    for a, _ in calls.get(module, []):
+                        g = next(out_grads)
+                        if isinstance(module, nn.Linear):
+                            per_sample = per_sample + _linear_projection(shift, a, g)
+                        else:
+                            per_sample = per_sample + _conv_projection(module, shift, a, g)
+                        bias = module.bias
+                        if bias is not None and id(bias) in names:
+                            dims = tuple(range(1, g.dim() - 1)) if isinstance(module, nn.Linear) \
+                                else tuple(range(2, g.dim()))
+                            gb = g.sum(dims) if dims else g
+                            name = names[id(bias)]
+                            bias_grads[name] = bias_grads.get(name, 0) + gb
+                # relu'(s + delta): a shift whose singular value is clipped at 0 gets no gradient.
+                active = (shift.s + shift.delta > 0).to(per_sample.dtype)
+                trace = trace + (per_sample * active).pow(2).sum()
+                covered.add(names[id(shift.delta)])
+            trace = trace + sum(g.pow(2).sum() for g in bias_grads.values())
+            covered |= set(bias_grads)
+        trace = trace / batch
+    rest = {n: p for n, p in params.items() if n not in covered}
+    if rest:
+        trace = trace + fisher_trace(model, inputs, targets, likelihood, rest)
+    return trace
+
+
+def verify_spectral_trace(model: nn.Module, inputs: Any, targets: torch.Tensor,
+                          likelihood: Likelihood) -> float:
+    """Relative difference between the fast and the vmap trace on one (small) batch; run once
+    at setup on models whose layout the fast path's batch-on-dim-0 assumption may not fit."""
+    fast = spectral_fisher_trace(model, inputs, targets, likelihood).detach()
+    ref = fisher_trace(model, inputs, targets, likelihood).detach()
+    return float((fast - ref).abs() / ref.abs().clamp_min(1e-30))

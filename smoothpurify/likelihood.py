@@ -1,0 +1,57 @@
+"""Per-sample likelihoods the core optimises and differentiates.
+
+A likelihood turns model outputs and targets into a per-sample negative log-likelihood
+``-log p(y_j | x_j)`` (shape ``[B]``) and can sample targets from the model (for the "true"
+Fisher). The two below cover classification, token sequences and multi-label outputs; a modality
+with another output structure supplies its own object with the same two methods.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Likelihood(Protocol):
+    def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative log-likelihood, shape ``[B]``."""
+
+    def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Targets drawn from the model's predictive distribution (same shape as real targets)."""
+
+
+class Categorical:
+    """Softmax over the last dimension; extra dimensions (tokens) are summed per sample.
+
+    ``outputs``: ``[B, C]`` or ``[B, T, C]``; ``targets``: ``[B]`` or ``[B, T]`` class indices.
+    Positions equal to ``ignore_index`` (padding) contribute nothing.
+    """
+
+    def __init__(self, ignore_index: int | None = None):
+        self.ignore_index = ignore_index
+
+    def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(outputs, dim=-1)
+        safe = targets if self.ignore_index is None else targets.clamp_min(0)
+        picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        if self.ignore_index is not None:
+            picked = picked * (targets != self.ignore_index)
+        return -picked.reshape(picked.shape[0], -1).sum(dim=1)
+
+    def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        probs = F.softmax(outputs.detach(), dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+class Bernoulli:
+    """Independent sigmoid per output unit (multi-label); log-likelihoods summed per sample."""
+
+    def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_unit = F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
+        return per_unit.reshape(per_unit.shape[0], -1).sum(dim=1)
+
+    def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        probs = torch.sigmoid(outputs.detach())
+        return torch.bernoulli(probs, generator=generator)

@@ -1,0 +1,44 @@
+"""DVC's entry into the tasks: ``python -m tasks <stage> --modality image [--attack NAME]``.
+
+Each subcommand calls the underlying function of the Prefect task (``task.fn``), so a DVC stage
+runs exactly the code a flow runs, without starting Prefect.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.params import load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.attack import train_attack
+    from tasks.evaluate import evaluate
+    from tasks.prepare import prepare_data
+
+    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    parser.add_argument("stage", choices=["prepare", "attack", "evaluate"])
+    parser.add_argument("--modality", default="image")
+    parser.add_argument("--attack", default=None, help="attack name, or 'benign'")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params, args.profile)
+        if args.stage == "prepare":
+            prepare_data.fn(args.modality, params, force=True)
+        elif args.attack is None:
+            raise SmoothPurifyError(f"stage {args.stage} needs --attack")
+        elif args.stage == "attack":
+            train_attack.fn(args.modality, params, args.attack, force=True)
+        else:
+            evaluate.fn(args.modality, params, args.attack)
+    except SmoothPurifyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
