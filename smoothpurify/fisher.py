@@ -177,9 +177,26 @@ def _conv_projection(conv: nn.Module, shift: SpectralShift, a: torch.Tensor,
     if groups > 1:
         filters = filters.repeat(groups, *([1] * (filters.dim() - 1)))
     a_v = conv._conv_forward(a, filters, None).reshape(b, groups, rank, -1)
-    g_u = torch.einsum("bgop,gor->bgrp", g.reshape(b, groups, out // groups, -1),
-                       shift.U.reshape(groups, out // groups, rank))
+    # A broadcast matmul, not einsum: ~2x faster forward+backward on CPU (no permuted copies).
+    u_t = shift.U.reshape(groups, out // groups, rank).transpose(1, 2)
+    g_u = u_t @ g.reshape(b, groups, out // groups, -1)
     return (a_v * g_u).sum((1, 3))
+
+
+def _affine_norm(norm: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: batch norm in eval mode rewritten as the per-channel affine map it is.
+
+    Same numbers, but its double backward is two multiplications instead of the generic
+    batch-norm double backward, which took ~17% of the trace's backward on a small CNN."""
+    x = args[0]
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight, shift * norm.weight
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.reshape(shape) + shift.reshape(shape)
 
 
 def _fast_owners(model: nn.Module, names: dict[int, str]) -> dict[int, tuple[SpectralShift, list]]:
@@ -235,6 +252,9 @@ def spectral_fisher_trace(model: nn.Module, inputs: Any, targets: torch.Tensor,
             for shift, modules in owners.values():
                 handles.append(shift.register_forward_hook(count))
                 handles += [m.register_forward_hook(record) for m in modules]
+            handles += [m.register_forward_hook(_affine_norm) for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._NormBase)
+                        and m.running_var is not None and not m.training]
             loglik = -likelihood.nll(call_model(model, inputs), targets)
         finally:
             for h in handles:

@@ -28,6 +28,8 @@ def load_cifar_batch(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             raw = _CifarUnpickler(fh, encoding="latin1").load()
+    except FileNotFoundError:
+        raise SmoothPurifyError(f"CIFAR-10 batch missing: {path}") from None
     except (pickle.UnpicklingError, EOFError, ValueError) as err:
         raise SmoothPurifyError(f"{path} is not a CIFAR-10 python batch ({err})") from None
     if not isinstance(raw, dict):

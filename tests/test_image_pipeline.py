@@ -1,0 +1,66 @@
+"""The real stages end to end on tiny data: the attack works, the benign model does not obey it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smoothpurify import SmoothPurifyError, pipeline
+
+
+def test_prepare_train_evaluate(tiny_params):
+    data = pipeline.prepare("image", tiny_params)
+    assert data["sizes"]["val"] == 80 and data["sizes"]["train"] == 1420 and data["source"].startswith("tiny")
+    for name in ("benign", "badnets"):
+        meta = pipeline.train_attack("image", tiny_params, name, progress=False)
+        assert meta["architecture"] == "small_cnn"
+    rec = pipeline.evaluate("image", tiny_params, "badnets")
+    assert rec["backdoored"]["asr"] >= 0.9, rec
+    assert rec["benign"]["asr"] <= 0.3, rec
+    assert rec["backdoored"]["acc"] >= rec["benign"]["acc"] - 0.05, rec
+    root = Path(tiny_params["run_dir"]) / "image"
+    assert json.loads((root / "metrics" / "badnets.json").read_text())["backdoored"]["asr"] == rec["backdoored"]["asr"]
+    side = json.loads((root / "models" / "badnets" / "model.json").read_text())
+    assert side["attack"]["name"] == "badnets" and side["seed"] == 0 and side["num_classes"] == 10
+
+
+def test_finished_stages_are_skipped(tiny_params):
+    pipeline.prepare("image", tiny_params)
+    first = pipeline.train_attack("image", tiny_params, "benign", progress=False)
+    again = pipeline.train_attack("image", tiny_params, "benign", progress=False)
+    assert again["train_seconds"] == first["train_seconds"]  # read back, not retrained
+
+
+def test_same_seed_same_metrics(tiny_params, tmp_path):
+    pipeline.prepare("image", tiny_params)
+    pipeline.train_attack("image", tiny_params, "badnets", progress=False)
+    a = pipeline.evaluate("image", tiny_params, "badnets")
+    other = dict(tiny_params, run_dir=str(tmp_path / "runs2"))
+    pipeline.prepare("image", other)
+    pipeline.train_attack("image", other, "badnets", progress=False)
+    b = pipeline.evaluate("image", other, "badnets")
+    assert a["backdoored"] == b["backdoored"]
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"attack": {"poison_rate": 1.5}}, "poison_rate"),
+    ({"dataset": "cifar10", "data_path": "/nonexistent/cifar"}, "dataset path not found"),
+    ({"dataset": "cifar10"}, "data_path"),
+    ({"model": "resnet9"}, "unknown model"),
+])
+def test_bad_params_fail_with_one_line(tiny_params, patch, msg):
+    params = json.loads(json.dumps(tiny_params))
+    for k, v in patch.items():
+        params["image"][k] = v if not isinstance(v, dict) else {**params["image"].get(k, {}), **v}
+    with pytest.raises(SmoothPurifyError, match=msg) as err:
+        pipeline.prepare("image", params)
+        pipeline.train_attack("image", params, "benign", progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_target_label_outside_classes(tiny_params):
+    tiny_params["image"]["attack"]["target_label"] = 12
+    pipeline.prepare("image", tiny_params)
+    with pytest.raises(SmoothPurifyError, match="outside the classes"):
+        pipeline.train_attack("image", tiny_params, "badnets", progress=False)

@@ -1,0 +1,60 @@
+"""The Prefect flow (no server), the DVC entry (`python -m tasks`) and the CLI on tiny data."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, params: dict) -> Path:
+    body = {k: v for k, v in params.items() if k != "profile"}
+    body["profile"] = "test"
+    body["profiles"] = {"test": {}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.pipeline
+def test_image_flow_runs_without_server(tiny_params, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.image import image_flow
+
+    path = write_params(tmp_path, tiny_params)
+    with prefect_test_harness():
+        rows = image_flow(params_path=str(path))
+    assert rows[0]["attack"] == "badnets" and rows[0]["backdoored_asr"] >= 90
+    summary = json.loads((Path(tiny_params["run_dir"]) / "image" / "summary.json").read_text())
+    assert summary == rows
+
+
+def _run(args, cwd, env_extra=None):
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"profile": "smoke", "profiles": {"smoke": {}}, "run_dir": str(tmp_path),
+                                   "image": {"dataset": "gtsrb", "data_path": str(tmp_path / "nowhere")}}))
+    out = _run(["-m", "smoothpurify.cli", "prepare", "--params", str(bad)], ROOT)
+    assert out.returncode == 2 and out.stderr.strip() == f"error: dataset path not found: {tmp_path / 'nowhere'}"
+    out = _run(["-m", "smoothpurify.cli", "attack", "nosuch", "--params", str(bad)], ROOT)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown attack 'nosuch'" in out.stderr
+    out = _run(["-m", "smoothpurify.cli", "prepare", "--params", str(tmp_path / "none.yaml")], ROOT)
+    assert out.returncode == 2 and "parameters file not found" in out.stderr
+
+
+def test_cli_help_for_each_subcommand():
+    for sub in ("prepare", "attack", "evaluate", "list"):
+        out = _run(["-m", "smoothpurify.cli", sub, "--help"], ROOT)
+        assert out.returncode == 0 and "Usage" in out.stdout, out.stderr
