@@ -88,3 +88,54 @@ def evaluate(modality: str, params: dict[str, Any], attack: str) -> dict[str, An
         record[key] = mod.evaluate(model.to(device), root / "data", trigger, device=device)
     write_json(root / "metrics" / f"{attack}.json", record)
     return record
+
+
+def method_settings(params: dict[str, Any], method: str):
+    """The method preset with params.yaml's ``purify.common`` and ``purify.overrides.<method>`` applied."""
+    from smoothpurify.methods import method_config
+
+    section = params.get("purify", {}) or {}
+    overrides = {**(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
+    return method_config(method, overrides)
+
+
+def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,
+           progress: bool = True) -> dict[str, Any]:
+    """Purify the ``attack`` model with ``method`` on the clean validation split; evaluate before/after.
+
+    Writes ``purified/<attack>/<method>/model.safetensors`` (original architecture) and
+    ``metrics/purify/<attack>-<method>.json``. The test-set evaluation is reporting only.
+    """
+    from smoothpurify.checkpoint import save_checkpoint
+    from smoothpurify.purify import purify as run_purification
+
+    root = run_root(params, modality)
+    cfg = method_settings(params, method)
+    out = root / "purified" / attack / method
+    metrics_path = root / "metrics" / "purify" / f"{attack}-{method}.json"
+    model_meta = root / "models" / attack / "model.json"
+    fp = fingerprint(cfg.model_dump(), params.get("seed", 0),
+                     model_meta.read_text() if model_meta.is_file() else None)
+    if not force and _fresh(metrics_path, fp) and (out / "model.safetensors").is_file():
+        return json.loads(metrics_path.read_text())
+    mod = get_modality(modality)
+    data_dir = root / "data"
+    trigger = mod.load_attack(root / "models" / attack, mod.data_meta(data_dir))
+    model, meta = mod.load_model(root / "models" / attack)
+    device = params.get(modality, {}).get("device", "cpu")
+    x, y = mod.load_split(data_dir, "val")
+
+    def evaluate_on_test(m):
+        return mod.evaluate(m.to(device), data_dir, trigger, device=device)
+
+    before = evaluate_on_test(model)
+    curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
+    result = run_purification(model, x, y, mod.likelihood, cfg, seed=int(params.get("seed", 0)), device=device,
+                              evaluate=evaluate_on_test, eval_every=curve_every or None, progress=progress)
+    save_checkpoint(out / "model.safetensors", result.model.cpu(),
+                    {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
+                     "purify_config": cfg.model_dump()})
+    record = {"attack": attack, "method": method, "before": before, "after": result.record.pop("metrics"),
+              **result.record, "fingerprint": fp}
+    write_json(metrics_path, record)
+    return record

@@ -173,10 +173,13 @@ def test_true_fisher_reproducible_with_seeded_generator():
 
 def test_fisher_input_errors():
     model, x, y = cnn_data()
-    with pytest.raises(SmoothPurifyError):
+    with pytest.raises(SmoothPurifyError, match="empty"):
         fisher_diagonal(model, [], CE)
-    with pytest.raises(SmoothPurifyError):
+    with pytest.raises(SmoothPurifyError, match="unknown Fisher mode"):
         fisher_diagonal(model, [(x, y)], CE, mode="exact")
+    batch_stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(SmoothPurifyError, match="running statistics"):
+        fisher_trace(batch_stats, torch.randn(4, 3), torch.randint(0, 4, (4,)), CE)
 
 
 def test_fisher_trace_value_and_gradient_match_loop():
@@ -225,6 +228,10 @@ def test_spectral_fast_trace_equals_vmap_trace(tune_bias, tune_norm):
     assert_dicts_close(dict(zip(names, got)), dict(zip(names, exp)), rtol=1e-4, atol=1e-6)
     assert got[names.index("c2.parametrizations.weight.0.delta")][-1] == 0  # clipped shift
     assert tuned.model.bn.training == tune_norm  # frozen BN in eval, restored after the trace
+    # the Fisher diagonal takes the same fast path for the shifts
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    assert_dicts_close(fisher_diagonal(tuned.model, batches, CE),
+                       fisher_diagonal(tuned.model, batches, CE, fast=False))
 
 
 def test_spectral_fast_trace_falls_back_for_outside_weight_reads_and_sums_shared_calls():
@@ -247,11 +254,23 @@ def test_spectral_fast_trace_falls_back_for_outside_weight_reads_and_sums_shared
     assert verify_spectral_trace(tuned.model, x, y, CE) < 1e-5
 
 
+def test_spectral_fast_trace_conv3d_and_dilation():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv3d(2, 3, (2, 3, 3), dilation=(1, 2, 1), padding=1), nn.Tanh(),
+                          nn.Flatten(), nn.LazyLinear(4))
+    x, y = torch.randn(3, 2, 3, 6, 5), torch.randint(0, 4, (3,))
+    model(x)  # materialise the lazy layer
+    tuned = prepare(model, "spectral", tune_bias=True)
+    torch.testing.assert_close(spectral_fisher_trace(tuned.model, x, y, CE),
+                               fisher_trace(tuned.model, x, y, CE), rtol=1e-5, atol=0)
+
+
 def test_non_spectral_model_uses_vmap_trace():
     model, x, y = cnn_data()
     torch.testing.assert_close(spectral_fisher_trace(model, x, y, CE), fisher_trace(model, x, y, CE))
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention
 def test_tuple_input_sequence_model_with_ignore_index():
     model, inputs, y = seq_data()
     lik = Categorical(ignore_index=0)
