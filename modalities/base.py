@@ -45,6 +45,23 @@ class Attack:
         """Poison a batch of inputs (values in [0, 1]); must not modify ``x`` in place."""
         raise NotImplementedError
 
+    def fit(self, x: torch.Tensor, y: torch.Tensor, context: dict[str, Any]) -> None:
+        """Learn what the trigger needs from the clean training set before poisoning (default: nothing).
+
+        ``context``: ``likelihood``, ``train`` (epochs, lr, batch_size, ...), ``device``, ``seed``,
+        ``make_model`` (a fresh classifier of the run's architecture), ``train_fn``
+        (:func:`smoothpurify.training.train`), ``progress``. E.g. CLB trains a clean surrogate for
+        its PGD perturbation here; ISSBA trains its encoder.
+        """
+
+    def train_model(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                    context: dict[str, Any]) -> list[float] | None:
+        """Train ``model`` on the poisoned set yourself (joint generator training: Dynamic, LIRA...).
+
+        Return the per-epoch losses, or ``None`` (default) for standard training on ``(x, y)``.
+        """
+        return None
+
     # -- shared -------------------------------------------------------------------------------
     def target_of(self, y: torch.Tensor) -> torch.Tensor:
         if self.mapping == "all2all":

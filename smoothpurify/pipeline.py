@@ -90,13 +90,32 @@ def evaluate(modality: str, params: dict[str, Any], attack: str) -> dict[str, An
     return record
 
 
-def method_settings(params: dict[str, Any], method: str):
-    """The method preset with params.yaml's ``purify.common`` and ``purify.overrides.<method>`` applied."""
-    from smoothpurify.methods import method_config
-
+def method_overrides(params: dict[str, Any], method: str) -> dict[str, Any]:
+    """params.yaml's ``purify.common`` then ``purify.overrides.<method>``."""
     section = params.get("purify", {}) or {}
-    overrides = {**(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
-    return method_config(method, overrides)
+    return {**(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
+
+
+def method_runner(params: dict[str, Any], method: str):
+    """``(settings_for_fingerprint, run)``: a tuning-loop preset, or a baseline defense by name.
+
+    ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way.
+    """
+    from smoothpurify.methods import PRESETS, method_config
+
+    overrides = method_overrides(params, method)
+    if method in PRESETS:
+        from smoothpurify.purify import purify as tuning_loop
+
+        cfg = method_config(method, overrides)
+        return cfg.model_dump(), lambda model, x, y, likelihood, **kw: tuning_loop(model, x, y, likelihood, cfg, **kw)
+    from smoothpurify.defenses import get_defense
+
+    defense = get_defense(method)
+    # Defenses have their own settings: only ``purify.overrides.<name>`` applies, not ``common``.
+    options = dict((((params.get("purify", {}) or {}).get("overrides") or {}).get(method)) or {})
+    return {"defense": method, **options}, lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
+                                                                                         options, **kw)
 
 
 def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,
@@ -107,14 +126,13 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     ``metrics/purify/<attack>-<method>.json``. The test-set evaluation is reporting only.
     """
     from smoothpurify.checkpoint import save_checkpoint
-    from smoothpurify.purify import purify as run_purification
 
     root = run_root(params, modality)
-    cfg = method_settings(params, method)
+    settings, run_method = method_runner(params, method)
     out = root / "purified" / attack / method
     metrics_path = root / "metrics" / "purify" / f"{attack}-{method}.json"
     model_meta = root / "models" / attack / "model.json"
-    fp = fingerprint(cfg.model_dump(), params.get("seed", 0),
+    fp = fingerprint(settings, params.get("seed", 0),
                      model_meta.read_text() if model_meta.is_file() else None)
     if not force and _fresh(metrics_path, fp) and (out / "model.safetensors").is_file():
         return json.loads(metrics_path.read_text())
@@ -130,11 +148,11 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
 
     before = evaluate_on_test(model)
     curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
-    result = run_purification(model, x, y, mod.likelihood, cfg, seed=int(params.get("seed", 0)), device=device,
-                              evaluate=evaluate_on_test, eval_every=curve_every or None, progress=progress)
+    result = run_method(model, x, y, mod.likelihood, seed=int(params.get("seed", 0)), device=device,
+                        evaluate=evaluate_on_test, eval_every=curve_every or None, progress=progress)
     save_checkpoint(out / "model.safetensors", result.model.cpu(),
                     {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
-                     "purify_config": cfg.model_dump()})
+                     "purify_config": settings})
     record = {"attack": attack, "method": method, "before": before, "after": result.record.pop("metrics"),
               **result.record, "fingerprint": fp}
     write_json(metrics_path, record)

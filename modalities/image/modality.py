@@ -127,20 +127,26 @@ class ImageModality:
         cfg, seed = self.config(params), int(params.get("seed", 0))
         meta_data = self.data_meta(data_dir)
         x, y = self.load_split(data_dir, "train")
-        attack = None
+        attack, mask = None, None
+        context = {"likelihood": self.likelihood, "train": cfg.train.model_dump(), "device": cfg.device,
+                   "seed": seed, "make_model": lambda: self.build_model(params, meta_data), "train_fn": train,
+                   "progress": progress}
+        t0 = time.perf_counter()
         if attack_name is not None:
             attack = self.create_attack(attack_name, params, meta_data)
             self._clean_label_rate_to_global(attack, y)
+            attack.fit(x, y, context)
             x, y, mask = attack.poison_training_set(x, y)
             poisoned = int(mask.sum())
         torch.manual_seed(seed)
         model = self.build_model(params, meta_data)
-        t0 = time.perf_counter()
-        losses = train(model, x, y, self.likelihood, epochs=cfg.train.epochs, lr=cfg.train.lr,
-                       batch_size=cfg.train.batch_size, momentum=cfg.train.momentum,
-                       weight_decay=cfg.train.weight_decay, seed=seed, device=cfg.device,
-                       augment=random_crop_flip if cfg.train.augment else None,
-                       desc=f"train {attack_name or 'benign'}", progress=progress)
+        losses = attack.train_model(model, x, y, mask, context) if attack is not None else None
+        if losses is None:
+            losses = train(model, x, y, self.likelihood, epochs=cfg.train.epochs, lr=cfg.train.lr,
+                           batch_size=cfg.train.batch_size, momentum=cfg.train.momentum,
+                           weight_decay=cfg.train.weight_decay, seed=seed, device=cfg.device,
+                           augment=random_crop_flip if cfg.train.augment else None,
+                           desc=f"train {attack_name or 'benign'}", progress=progress)
         out_dir = Path(out_dir)
         meta = {"architecture": cfg.model, "num_classes": meta_data["num_classes"],
                 "input_shape": meta_data["input_shape"], "data_source": meta_data["source"],
