@@ -70,6 +70,64 @@ def evaluate(name: str = typer.Argument(..., help="attack whose model and trigge
     print_table(attack_rows(pipeline.run_root(p, modality) / "metrics", [name]), f"{modality}: {name}", ATTACK_COLUMNS)
 
 
+def _parse_normalize(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        mean_s, std_s = text.split(",", 1) if text.count(",") == 1 else text.split("/", 1)
+        parse = lambda part: [float(v) for v in part.replace(";", " ").split()]  # noqa: E731
+        return parse(mean_s), parse(std_s)
+    except ValueError:
+        raise SmoothPurifyError(f"--normalize {text!r}: expected MEAN,STD, e.g. 0.5,0.5 or "
+                                "'0.49 0.48 0.45,0.25 0.24 0.26' (per channel)") from None
+
+
+@app.command()
+def purify(
+    checkpoint: Path = typer.Option(..., help="the vendor's model, a .safetensors file (pickles are refused)"),
+    model: str = typer.Option(..., help="registry name (see `smoothpurify list`) or path/to/file.py:factory"),
+    num_classes: int = typer.Option(..., help="number of classes the model outputs"),
+    clean_data: Path = typer.Option(..., help="clean data: image folder (one subfolder per class), CIFAR layout, "
+                                              "or .npz with x (uint8 NxCxHxW) and y"),
+    method: str = typer.Option("fsft", help="sft | fsft | ngf | ft | ft-sam | ablations | baseline defenses"),
+    out: Path = typer.Option(Path("purified.safetensors"), help="where to write the purified checkpoint"),
+    classifier: Optional[str] = typer.Option(None, help="name of the classifier layer (default: the last Linear)"),
+    normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects (default: "
+                                                       "pixels in [0, 1], no normalisation)"),
+    test_data: Optional[Path] = typer.Option(None, help="clean test data, for ACC before/after"),
+    poisoned_data: Optional[Path] = typer.Option(None, help="poisoned test data, for ASR/RA before/after"),
+    target_label: Optional[int] = typer.Option(None, help="attack target; poisoned data then carries true labels "
+                                                          "(else its labels are the per-sample targets)"),
+    epochs: Optional[int] = typer.Option(None, help="override the method's epochs"),
+    lr: Optional[float] = typer.Option(None, help="override the method's learning rate"),
+    modality: str = ModalityOpt,
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Purify your own checkpoint on a little clean data; report ACC/ASR/RA before and after."""
+    from smoothpurify.methods import PRESETS, make_runner
+    from smoothpurify.own_checkpoint import purify_checkpoint
+    from smoothpurify.report import print_table
+
+    mod = _modality(modality)
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    _, runner = make_runner(method, overrides if method in PRESETS else {})
+    if overrides and method not in PRESETS:
+        raise SmoothPurifyError(f"--epochs/--lr apply to the tuning presets ({', '.join(PRESETS)}), not {method}")
+    norm = _parse_normalize(normalize)
+    clean = mod.load_user_data(clean_data, norm)
+    shape = tuple(clean[0].shape[1:])
+    test = mod.load_user_data(test_data, norm, shape) if test_data else None
+    poisoned = mod.load_user_data(poisoned_data, norm, shape) if poisoned_data else None
+    record = purify_checkpoint(mod, checkpoint=checkpoint, model_spec=model, num_classes=num_classes, clean=clean,
+                               method_runner=runner, out=out, classifier=classifier, test=test, poisoned=poisoned,
+                               target_label=target_label, seed=seed, device=device)
+    rows = [{"model": when, **{k: round(100 * v, 2) for k, v in record[when].items()}} for when in ("before", "after")]
+    if rows[0].keys() != {"model"}:
+        print_table(rows, f"{method}: {record['seconds']['total']:.1f} s (setup {record['seconds']['setup']:.1f} s)")
+    typer.echo(f"purified checkpoint: {out} (record: {out.with_suffix('.record.json')})")
+
+
 @app.command("fetch-data")
 def fetch_data(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Locate (or fetch from the Debian package) the embedded default dataset; same as `prepare`."""

@@ -97,25 +97,16 @@ def method_overrides(params: dict[str, Any], method: str) -> dict[str, Any]:
 
 
 def method_runner(params: dict[str, Any], method: str):
-    """``(settings_for_fingerprint, run)``: a tuning-loop preset, or a baseline defense by name.
+    """``(settings, run)`` for ``method`` with params.yaml's settings.
 
-    ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way.
+    Tuning-loop presets get ``purify.common`` then ``purify.overrides.<method>``; baseline defenses
+    have their own settings, so only ``purify.overrides.<method>`` applies to them.
     """
-    from smoothpurify.methods import PRESETS, method_config
+    from smoothpurify.methods import PRESETS, make_runner
 
-    overrides = method_overrides(params, method)
-    if method in PRESETS:
-        from smoothpurify.purify import purify as tuning_loop
-
-        cfg = method_config(method, overrides)
-        return cfg.model_dump(), lambda model, x, y, likelihood, **kw: tuning_loop(model, x, y, likelihood, cfg, **kw)
-    from smoothpurify.defenses import get_defense
-
-    defense = get_defense(method)
-    # Defenses have their own settings: only ``purify.overrides.<name>`` applies, not ``common``.
-    options = dict((((params.get("purify", {}) or {}).get("overrides") or {}).get(method)) or {})
-    return {"defense": method, **options}, lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
-                                                                                         options, **kw)
+    section = params.get("purify", {}) or {}
+    own = ((section.get("overrides") or {}).get(method)) or {}
+    return make_runner(method, method_overrides(params, method) if method in PRESETS else own)
 
 
 def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,

@@ -101,6 +101,24 @@ class ImageModality:
         x, y = imdata.load_npz(Path(data_dir) / f"{split}.npz")
         return imdata.to_float(x), torch.from_numpy(y)
 
+    def load_user_data(self, path: Path, normalize: tuple[list[float], list[float]] | None = None,
+                       input_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A user's images (folder per class, CIFAR layout or ``.npz``) as floats in [0, 1], optionally
+        normalised per channel with the user's own mean / std."""
+        size = input_shape[1] if input_shape else None
+        channels = input_shape[0] if input_shape else None
+        x_u8, y = imdata.load_any(Path(path), size=size, channels=channels)
+        x = imdata.to_float(x_u8)
+        if normalize is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32) for v in normalize)
+            if len(mean) not in (1, x.shape[1]) or len(std) != len(mean):
+                raise SmoothPurifyError(f"--normalize needs 1 or {x.shape[1]} values for mean and for std, "
+                                        f"got {len(mean)} and {len(std)}")
+            if bool((std <= 0).any()):
+                raise SmoothPurifyError("--normalize: std must be positive")
+            x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        return x, torch.from_numpy(y)
+
     # ---------------------------------------------------------------- attacks and models
     def create_attack(self, name: str, params: dict[str, Any], data_meta: dict[str, Any]) -> Attack:
         cfg = self.config(params).attack

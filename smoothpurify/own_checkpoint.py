@@ -1,0 +1,126 @@
+"""Purify a checkpoint trained outside the pipeline: the practitioner's path (``smoothpurify purify``).
+
+The user brings a safetensors checkpoint, an architecture (a registry name of a modality, or
+``path/to/file.py:factory`` returning their own ``nn.Module``) and a little clean data. Every
+mistake a user can make here ends in one :class:`SmoothPurifyError` line.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.checkpoint import load_into, load_state, save_checkpoint, write_json
+from smoothpurify.metrics import accuracy
+from smoothpurify.model import classifier_name
+from smoothpurify.modality import Modality
+from smoothpurify.training import predict
+
+
+def load_factory(spec: str, num_classes: int) -> nn.Module:
+    """``path/to/file.py:factory`` -> the module the factory returns (``num_classes`` passed if accepted)."""
+    path_str, _, name = spec.rpartition(":")
+    path = Path(path_str)
+    if not path.is_file():
+        raise SmoothPurifyError(f"model file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: report its failure in one line
+        raise SmoothPurifyError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise SmoothPurifyError(f"{path} has no callable {name!r}")
+    accepts = "num_classes" in inspect.signature(factory).parameters
+    model = factory(num_classes=num_classes) if accepts else factory()
+    if not isinstance(model, nn.Module):
+        raise SmoothPurifyError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(mod: Modality, spec: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    if spec.endswith(".py"):
+        raise SmoothPurifyError(f"--model {spec}: name the factory function, e.g. {spec}:build_model")
+    if ".py:" in spec:
+        return load_factory(spec, num_classes)
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if len(input_shape) == 3:
+        kwargs.update(in_channels=input_shape[0], image_size=input_shape[1])
+    return mod.create_model(spec, **kwargs)
+
+
+def _check_labels(y: torch.Tensor, num_classes: int, what: str) -> None:
+    if len(y) == 0:
+        raise SmoothPurifyError(f"{what} is empty")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise SmoothPurifyError(f"{what} has labels {int(y.min())}..{int(y.max())} but --num-classes is {num_classes}")
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
+    try:
+        with torch.no_grad():
+            out = model.eval()(x[:2])
+    except RuntimeError as err:
+        raise SmoothPurifyError(f"the model cannot process inputs of shape {tuple(x.shape[1:])}: "
+                                f"{str(err).splitlines()[0]}") from None
+    if out.shape[-1] != num_classes:
+        raise SmoothPurifyError(f"the model outputs {out.shape[-1]} classes, --num-classes is {num_classes}")
+
+
+def backdoor_report(model: nn.Module, test: tuple | None, poisoned: tuple | None, target_label: int | None,
+                    device: str) -> dict[str, float]:
+    """ACC on clean test data; ASR / RA on poisoned data (true labels + target, or per-sample targets)."""
+    out: dict[str, float] = {}
+    if test is not None:
+        out["acc"] = accuracy(predict(model, test[0], device=device), test[1])
+    if poisoned is not None:
+        x, y = poisoned
+        if target_label is not None:
+            keep = y != target_label  # inputs of the target class say nothing about the backdoor
+            pred = predict(model, x[keep], device=device)
+            out["asr"] = accuracy(pred, torch.full_like(y[keep], target_label))
+            out["ra"] = accuracy(pred, y[keep])
+        else:
+            out["asr"] = accuracy(predict(model, x, device=device), y)
+    return out
+
+
+def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_classes: int, clean: tuple,
+                      method_runner, out: Path, classifier: str | None = None, test: tuple | None = None,
+                      poisoned: tuple | None = None, target_label: int | None = None, seed: int = 0,
+                      device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Load, check, purify and save; returns the record (also written next to ``out`` as JSON)."""
+    x, y = clean
+    _check_labels(y, num_classes, "the clean data")
+    if y.unique().numel() < 2:
+        raise SmoothPurifyError("the clean data holds a single class; purification needs several")
+    if target_label is not None and not 0 <= target_label < num_classes:
+        raise SmoothPurifyError(f"--target-label {target_label} is outside 0..{num_classes - 1}")
+    for name, data in (("the clean test data", test), ("the poisoned test data", poisoned)):
+        if data is not None:
+            _check_labels(data[1], num_classes, name)
+    state = load_state(checkpoint)
+    model = load_into(build_model(mod, model_spec, num_classes, tuple(x.shape[1:])), state, source=str(checkpoint))
+    head = classifier_name(model, classifier)
+    _check_forward(model, x, num_classes)
+    model.to(device)
+    before = backdoor_report(model, test, poisoned, target_label, device)
+    t0 = time.perf_counter()
+    result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device, progress=progress)
+    after = backdoor_report(result.model, test, poisoned, target_label, device)
+    record = {"checkpoint": str(checkpoint), "model": model_spec, "classifier": head, "num_classes": num_classes,
+              "clean_samples": int(len(y)), "before": before, "after": after,
+              "wall_seconds": round(time.perf_counter() - t0, 2),
+              **{k: v for k, v in result.record.items() if k != "metrics"}}
+    save_checkpoint(out, result.model.cpu(), {"architecture": model_spec, "num_classes": num_classes,
+                                              "classifier": head, "purified_by": record.get("method", ""),
+                                              "source_checkpoint": str(checkpoint)})
+    write_json(Path(out).with_suffix(".record.json"), record)
+    return record
