@@ -16,11 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.attack import train_attack
     from tasks.evaluate import evaluate
     from tasks.prepare import prepare_data
+    from tasks.purify import purify
 
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
-    parser.add_argument("stage", choices=["prepare", "attack", "evaluate"])
+    parser.add_argument("stage", choices=["prepare", "attack", "evaluate", "purify"])
     parser.add_argument("--modality", default="image")
     parser.add_argument("--attack", default=None, help="attack name, or 'benign'")
+    parser.add_argument("--method", default=None, help="purification method (stage purify)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SmoothPurifyError(f"stage {args.stage} needs --attack")
         elif args.stage == "attack":
             train_attack.fn(args.modality, params, args.attack, force=True)
+        elif args.stage == "purify":
+            if args.method is None:
+                raise SmoothPurifyError("stage purify needs --method")
+            purify.fn(args.modality, params, args.attack, args.method, force=True)
         else:
             evaluate.fn(args.modality, params, args.attack)
     except SmoothPurifyError as err:
