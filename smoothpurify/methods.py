@@ -38,15 +38,17 @@ class MethodConfig(BaseModel):
     sam_rho: float = Field(0.05, gt=0)
     damping: float = Field(1e-3, gt=0)
     epochs: int = Field(100, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: Optional[int] = Field(128, ge=1)  # None: the whole validation set each step
     lr_step: Optional[int] = Field(40, ge=1)     # decay the lr by lr_gamma every lr_step epochs
     lr_gamma: float = Field(0.1, gt=0, le=1)
 
 
 _SFT = dict(trace_weight=1e-3, trace_every=10, anchor_weight=5.0, optimizer="sgd", lr=0.01,
             epochs=100, lr_step=40, lr_gamma=0.1)
+# NGF Algorithm 1: full-batch iterations, the Fisher of the whole validation set at each one (a
+# mini-batch empirical Fisher of rank B < #parameters makes the damped solve overshoot).
 _NGF = dict(parametrization="last_layer", anchor_weight=0.1, optimizer="natural_gradient", lr=0.01,
-            momentum=0.0, epochs=100, lr_step=None)
+            momentum=0.0, epochs=100, lr_step=None, batch_size=None)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "ft": dict(parametrization="full", optimizer="sgd", lr=0.01, epochs=100, lr_step=40, weight_decay=5e-4),
@@ -59,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fsft-no-trace": dict(parametrization="spectral", **{**_SFT, "trace_weight": 0.0}),
     "fsft-no-anchor": dict(parametrization="spectral", **{**_SFT, "anchor_weight": 0.0}),
     "ngf-no-anchor": dict(_NGF, anchor_weight=0.0),
-    "last-layer-sgd": dict(_NGF, optimizer="sgd", momentum=0.9),
+    "last-layer-sgd": dict(_NGF, optimizer="sgd", momentum=0.9, batch_size=128),
 }
 
 

@@ -87,6 +87,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     """Purify a copy of ``model`` with ``config``; ``inputs, targets`` is the clean validation set."""
     cfg = config
     _check_data(targets)
+    batch_size = cfg.batch_size or len(targets)
     t0 = time.perf_counter()
     tuned = prepare(model.to(device), cfg.parametrization, classifier=classifier, tune_bias=cfg.tune_bias,
                     tune_norm=cfg.tune_norm)
@@ -105,7 +106,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                           else fisher_trace, anchor_weight=cfg.anchor_weight)
     if cfg.anchor_weight > 0:
         tuned.eval()
-        objective.fisher_diag = fisher_diagonal(work, _batches(work_inputs, targets, cfg.batch_size), likelihood,
+        objective.fisher_diag = fisher_diagonal(work, _batches(work_inputs, targets, 128), likelihood,
                                                 mode=cfg.fisher, generator=gen, params=params)
         objective.anchor = {n: p.detach().clone() for n, p in params.items()}
     setup_seconds = time.perf_counter() - t0
@@ -116,12 +117,12 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
              if cfg.lr_step else None)
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
     val_loss, curves, parts = [], [], {}
-    steps_total = cfg.epochs * math.ceil(n / cfg.batch_size)
+    steps_total = cfg.epochs * math.ceil(n / batch_size)
     bar = tqdm(total=steps_total, desc=f"purify {cfg.name}", disable=None if progress else True, leave=False)
     t1 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         tuned.train()
-        for x, y in _batches(work_inputs, targets, cfg.batch_size, torch.randperm(n, generator=gen)):
+        for x, y in _batches(work_inputs, targets, batch_size, torch.randperm(n, generator=gen)):
             if isinstance(opt, NaturalGradient):
                 _update_curvature(opt, work, params, x, y, likelihood)
 
