@@ -22,7 +22,7 @@ data: $(STAMP)
 	$(BIN)/smoothpurify fetch-data
 
 demo: $(STAMP)
-	$(BIN)/python -m flows.image --profile smoke
+	$(BIN)/python -m flows.image --profile smoke --attacks badnets
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
