@@ -1,4 +1,5 @@
-"""Image pipeline: prepare data -> train benign and backdoored models -> evaluate -> purify (each method) -> tables.
+"""Image pipeline: prepare data -> train benign and backdoored models -> evaluate -> purify (each method)
+-> smoothness analysis -> report (report.md + report.html) and tables.
 
 Runs with no Prefect server (ephemeral mode): ``python -m flows.image --profile smoke``.
 """
@@ -14,11 +15,15 @@ from prefect import flow
 from smoothpurify import SmoothPurifyError
 from smoothpurify.params import load_params
 from smoothpurify.pipeline import BENIGN, run_root
-from smoothpurify.report import ATTACK_COLUMNS, METHOD_COLUMNS, attack_rows, print_table, purify_rows, save_rows
+from smoothpurify.analysis import BACKDOORED, analysis_settings
+from smoothpurify.report import ATTACK_COLUMNS, attack_rows, print_table, save_rows
+from smoothpurify.report_doc import METHOD_COLUMNS, SMOOTHNESS_COLUMNS, method_rows, smoothness_rows
+from tasks.analyze import analyze, build_analysis_batch
 from tasks.attack import train_attack
 from tasks.evaluate import evaluate
 from tasks.prepare import prepare_data
 from tasks.purify import purify
+from tasks.report import write_report
 
 MODALITY = "image"
 
@@ -35,21 +40,29 @@ def image_flow(profile: str | None = None, params_path: str = "params.yaml", att
     print(f"data: {data['source']} — sizes {data['sizes']}")
     for name in [BENIGN, *attacks]:
         train_attack(MODALITY, params, name, force=force)
+    analysis_on = analysis_settings(params.get("analysis")).enabled
     for name in attacks:
         evaluate(MODALITY, params, name)
         for method in methods:
             purify(MODALITY, params, name, method, force=force)
+        if analysis_on:
+            build_analysis_batch(MODALITY, params, name)
+            for model in [BENIGN, BACKDOORED, *(f"purified/{m}" for m in methods)]:
+                analyze(MODALITY, params, name, model, force=force)
+    md, page = write_report(MODALITY, params, attacks, methods)
     root = run_root(params, MODALITY)
     rows = attack_rows(root / "metrics", attacks)
-    tables = {name: purify_rows(root / "metrics" / "purify", name, methods) for name in attacks}
-    summary = {"attacks": rows, "purification": tables}
+    purification = method_rows(MODALITY, params, attacks, methods, mark_best=True)
+    smoothness = smoothness_rows(MODALITY, params, attacks, methods) if analysis_on else []
+    summary = {"attacks": rows, "purification": purification, "smoothness": smoothness}
     save_rows(root / "summary.json", summary)
     print_table(rows, f"image / {params['image']['model']} / profile {params['profile']}: backdoored models",
                 ATTACK_COLUMNS)
-    for name, table in tables.items():
-        print_table(table, f"purification of the {name} model (clean validation: "
-                           f"{data['sizes']['val']} samples)", METHOD_COLUMNS)
-    print(f"total {time.perf_counter() - started:.0f} s; outputs in {root}")
+    print_table(purification, f"purification on {data['sizes']['val']} clean validation samples "
+                              "(* best per attack)", METHOD_COLUMNS)
+    print_table(smoothness, "smoothness (fixed batch: clean + poisoned inputs with true labels)",
+                SMOOTHNESS_COLUMNS)
+    print(f"total {time.perf_counter() - started:.0f} s; report: {md} | {page}")
     return summary
 
 

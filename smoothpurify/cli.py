@@ -128,6 +128,37 @@ def purify(
     typer.echo(f"purified checkpoint: {out} (record: {out.with_suffix('.record.json')})")
 
 
+@app.command()
+def analyze(name: str = typer.Argument(..., help="attack whose fixed clean+poisoned batch to use"),
+            model: str = typer.Option("backdoored", "--model", help="benign | backdoored | purified/<method>"),
+            modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+            force: bool = typer.Option(False, help="recompute even if current")) -> None:
+    """lambda_max, Tr(H), Tr(F) of one model on the attack's fixed analysis batch."""
+    from smoothpurify.analysis import analyze_stage
+
+    rec = analyze_stage(modality, _params(params, profile), name, model, force=force)
+    trf = "-" if rec["trace_f"] is None else f"{rec['trace_f']:.4g}"
+    typer.echo(f"{name}/{model}: lambda_max {rec['lambda_max']:.4g}, Tr(H) {rec['trace_h']:.4g} "
+               f"+- {rec['trace_h_stderr']:.2g}, Tr(F) {trf} ({rec['n_hvp']} HVPs, {rec['seconds']:.1f} s)")
+
+
+@app.command()
+def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+           attacks: Optional[str] = typer.Option(None, help="comma-separated (default: params)"),
+           methods: Optional[str] = typer.Option(None, help="comma-separated (default: purify.methods)")) -> None:
+    """Write runs/<modality>/report.md and report.html; print the method table."""
+    from smoothpurify.report import print_table
+    from smoothpurify.report_doc import METHOD_COLUMNS, method_rows, write_report
+
+    p = _params(params, profile)
+    att = attacks.split(",") if attacks else p[modality]["attacks"]
+    meth = methods.split(",") if methods else (p.get("purify") or {}).get("methods") or []
+    md, page = write_report(modality, p, att, meth)
+    print_table(method_rows(modality, p, att, meth, mark_best=True),
+                f"{modality}: purification (* best per attack)", METHOD_COLUMNS)
+    typer.echo(f"report: {md} and {page}")
+
+
 @app.command("fetch-data")
 def fetch_data(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Locate (or fetch from the Debian package) the embedded default dataset; same as `prepare`."""

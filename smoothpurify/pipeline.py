@@ -123,7 +123,9 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     out = root / "purified" / attack / method
     metrics_path = root / "metrics" / "purify" / f"{attack}-{method}.json"
     model_meta = root / "models" / attack / "model.json"
-    fp = fingerprint(settings, params.get("seed", 0),
+    curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
+    fp = fingerprint(settings, params.get("seed", 0), curve_every,
+                     (params.get("analysis") or {}).get("curve_lambda_steps"),
                      model_meta.read_text() if model_meta.is_file() else None)
     if not force and _fresh(metrics_path, fp) and (out / "model.safetensors").is_file():
         return json.loads(metrics_path.read_text())
@@ -137,14 +139,19 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     def evaluate_on_test(m):
         return mod.evaluate(m.to(device), data_dir, trigger, device=device)
 
+    from smoothpurify.curves import with_lambda_max, write_curves_csv
+
     before = evaluate_on_test(model)
-    curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
+    evaluate_curve = (with_lambda_max(evaluate_on_test, modality, params, attack, mod.likelihood)
+                      if curve_every else evaluate_on_test)
     result = run_method(model, x, y, mod.likelihood, seed=int(params.get("seed", 0)), device=device,
-                        evaluate=evaluate_on_test, eval_every=curve_every or None, progress=progress)
+                        evaluate=evaluate_curve, eval_every=curve_every or None, progress=progress)
     save_checkpoint(out / "model.safetensors", result.model.cpu(),
                     {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
                      "purify_config": settings})
     record = {"attack": attack, "method": method, "before": before, "after": result.record.pop("metrics"),
               **result.record, "fingerprint": fp}
     write_json(metrics_path, record)
+    # Always written (header only without curves): DVC needs the declared plot file to exist.
+    write_curves_csv(record, root / "curves" / f"{attack}-{method}.csv")
     return record

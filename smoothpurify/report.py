@@ -50,26 +50,3 @@ ATTACK_COLUMNS = [("attack", "attack"), ("benign_acc", "benign ACC %"), ("benign
 def save_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     write_json(path, rows)
 
-
-def purify_rows(purify_dir: Path, attack: str, methods: list[str]) -> list[dict[str, Any]]:
-    """One row per method for ``attack``: ASR / ACC / RA after purification (percent) and seconds."""
-    rows = []
-    for method in methods:
-        path = Path(purify_dir) / f"{attack}-{method}.json"
-        if not path.is_file():
-            continue
-        rec = json.loads(path.read_text())
-        after, sec = rec["after"], rec["seconds"]
-        rows.append({"method": method, "asr": round(100 * after["asr"], 2), "acc": round(100 * after["acc"], 2),
-                     "ra": round(100 * after["ra"], 2), "setup_s": sec["setup"], "tuning_s": sec["tuning"],
-                     "seconds": sec["total"]})
-    if rows:
-        before = json.loads((Path(purify_dir) / f"{attack}-{rows[0]['method']}.json").read_text())["before"]
-        rows.insert(0, {"method": "no defense", "asr": round(100 * before["asr"], 2),
-                        "acc": round(100 * before["acc"], 2), "ra": round(100 * before["ra"], 2),
-                        "setup_s": None, "tuning_s": None, "seconds": None})
-    return rows
-
-
-METHOD_COLUMNS = [("method", "method"), ("asr", "ASR %"), ("acc", "ACC %"), ("ra", "RA %"),
-                  ("setup_s", "setup s"), ("tuning_s", "tuning s"), ("seconds", "total s")]

@@ -13,16 +13,20 @@ from smoothpurify.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.analyze import analyze, build_analysis_batch
     from tasks.attack import train_attack
     from tasks.evaluate import evaluate
     from tasks.prepare import prepare_data
     from tasks.purify import purify
+    from tasks.report import write_report
 
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
-    parser.add_argument("stage", choices=["prepare", "attack", "evaluate", "purify"])
+    parser.add_argument("stage", choices=["prepare", "attack", "evaluate", "purify", "analysis-batch",
+                                                       "analyze", "report"])
     parser.add_argument("--modality", default="image")
     parser.add_argument("--attack", default=None, help="attack name, or 'benign'")
     parser.add_argument("--method", default=None, help="purification method (stage purify)")
+    parser.add_argument("--model", default=None, help="analyze: benign | backdoored | purified/<method>")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
@@ -30,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.profile)
         if args.stage == "prepare":
             prepare_data.fn(args.modality, params, force=True)
+        elif args.stage == "report":
+            write_report.fn(args.modality, params, params[args.modality]["attacks"],
+                            (params.get("purify") or {}).get("methods") or [])
         elif args.attack is None:
             raise SmoothPurifyError(f"stage {args.stage} needs --attack")
         elif args.stage == "attack":
@@ -38,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.method is None:
                 raise SmoothPurifyError("stage purify needs --method")
             purify.fn(args.modality, params, args.attack, args.method, force=True)
+        elif args.stage == "analysis-batch":
+            build_analysis_batch.fn(args.modality, params, args.attack, force=True)
+        elif args.stage == "analyze":
+            if args.model is None:
+                raise SmoothPurifyError("stage analyze needs --model (benign, backdoored or purified/<method>)")
+            analyze.fn(args.modality, params, args.attack, args.model, force=True)
         else:
             evaluate.fn(args.modality, params, args.attack)
     except SmoothPurifyError as err:

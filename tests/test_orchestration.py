@@ -34,7 +34,9 @@ def test_image_flow_runs_without_server(tiny_params, tmp_path, monkeypatch):
         summary = image_flow(params_path=str(path), methods=["ngf"])
     rows = summary["attacks"]
     assert rows[0]["attack"] == "badnets" and rows[0]["backdoored_asr"] >= 90
-    assert [r["method"] for r in summary["purification"]["badnets"]] == ["no defense", "ngf"]
+    assert [r["method"] for r in summary["purification"]] == ["no defense", "ngf"]
+    assert len(summary["smoothness"]) == 3 and all(r["lambda_max"] > 0 for r in summary["smoothness"])
+    assert (Path(tiny_params["run_dir"]) / "image" / "report.html").is_file()
     saved = json.loads((Path(tiny_params["run_dir"]) / "image" / "summary.json").read_text())
     assert saved == summary
 
