@@ -22,19 +22,6 @@ from smoothpurify.training import index_inputs, num_samples, to_device
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
-# Settings that keep every defense under about a minute on the smoke profile (600 clean 1x28x28
-# samples, SmallCNN, 2 CPU cores). params.yaml's smoke profile should carry these under
-# ``purify.overrides.<name>``; the defaults in each module are the papers' values.
-SMOKE_OPTIONS: dict[str, dict[str, Any]] = {
-    "fp": {"finetune": {"epochs": 10}},
-    "nad": {"teacher": {"epochs": 10}, "epochs": 10},
-    "anp": {"iterations": 150},
-    "ibau": {"rounds": 3},
-    "awm": {"epochs": 5},
-    "mcr": {"finetune": {"epochs": 10}, "epochs": 20},
-    "clp": {},
-}
-
 
 def resolve_options(name: str, options: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
     """``defaults`` updated by ``options``; an unknown key is a one-line error, not a silent no-op."""
@@ -162,13 +149,17 @@ class Curves:
 
 def finish(name: str, original: nn.Module, state: dict[str, torch.Tensor], clock: Clock, opts: dict[str, Any],
            seed: int, evaluate: Evaluate | None, curves: Curves | list[dict[str, Any]] | None = None,
-           **details: Any) -> PurifyResult:
+           val: tuple[Any, torch.Tensor] | None = None, **details: Any) -> PurifyResult:
     """The defense's result: a model with the original architecture and the record the pipeline
-    writes (``seconds``, the resolved options, defense details, ``metrics`` when asked)."""
+    writes (``seconds``, the resolved options, defense details, clean validation accuracy of the
+    result when ``val`` is given, ``metrics`` when asked)."""
     seconds = clock.seconds()
     model = into_original(original, state)
     record: dict[str, Any] = {"method": name, "defense": name, "config": opts, "seed": seed,
                               "seconds": seconds, **details}
+    if val is not None:
+        record["val_acc"] = accuracy(model.to(val[1].device), *val)
+        model.cpu()
     rows = curves.rows if isinstance(curves, Curves) else curves
     if rows:
         record["curves"] = rows

@@ -32,7 +32,7 @@ from smoothpurify.model import call_model, conv_bn_pairs, last_conv_name
 from smoothpurify.training import index_inputs
 
 DEFAULTS: dict[str, Any] = {
-    "acc_drop": 0.04,       # stop when clean validation accuracy is more than 4 points below the start
+    "acc_drop": 0.04,       # stop when clean validation accuracy falls more than 4 points (paper-like margin)
     "prune_step": 1,        # channels added per pruning step (the paper prunes one at a time)
     "max_ratio": 0.95,      # never prune more than this share of the layer's channels
     "layer": None,          # conv layer to prune; None = the last conv before the classifier
@@ -143,5 +143,5 @@ def fine_pruning(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihoo
     # The loop's own reporting (curves, final metrics) is not tuning time.
     clock.exclude(time.perf_counter() - t0 - tuned.record["seconds"]["total"])
     return finish("fp", model, tuned.model.state_dict(), clock, opts, seed, evaluate, tuned.record.get("curves"),
-                  layer=layer, pruned_channels=pruned.tolist(), pruning=search,
+                  val=(inputs, targets), layer=layer, pruned_channels=pruned.tolist(), pruning=search,
                   finetune_val_loss=tuned.record["val_loss"])
