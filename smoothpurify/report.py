@@ -39,7 +39,10 @@ def print_table(rows: list[dict[str, Any]], title: str, columns: list[tuple[str,
     for row in rows:
         table.add_row(*("-" if row.get(k) is None else
                         (f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k])) for k, _ in columns))
-    (console or Console()).print(table)
+    if console is None:
+        # Piped output (logs, CI) would be cut to 80 columns; a wide table is easier to read than a cut one.
+        console = Console() if Console().is_terminal else Console(width=200)
+    console.print(table)
 
 
 ATTACK_COLUMNS = [("attack", "attack"), ("benign_acc", "benign ACC %"), ("benign_asr", "benign ASR %"),
