@@ -10,9 +10,12 @@ import torch
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are faster and deterministic on one thread (2-core CI shares cores with pytest)."""
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for the whole session, set before any module fixture builds.
+
+    The tests run tiny models and hundreds of tiny HVPs: OpenMP hand-offs dominate, and on a busy
+    2-core machine a second thread made them 10-40x slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -29,16 +29,6 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Module fixtures build before conftest's per-test one-thread fixture: tiny HVPs on a busy
-    # 2-core machine were ~10x slower with two threads (OpenMP hand-offs).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- the batch ---------------------------------------------------------------------------------------
 
 def test_batch_is_clean_then_poisoned_with_true_labels_and_seeded():

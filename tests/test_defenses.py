@@ -64,17 +64,8 @@ def tiny_data(n: int, seed: int):
     return x, y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_module():
-    # Module fixtures run before conftest's per-test one-thread fixture; spare threads only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def trained(_one_thread_module):
+def trained(one_thread):
     torch.manual_seed(0)
     model = TinyNet()
     x, y = tiny_data(200, 0)

@@ -20,16 +20,6 @@ from smoothpurify.parametrize import prepare
 CE = Categorical()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: 2 intra-op threads on a shared 2-core machine spin against other processes
-    # and made this file ~10x slower. Restored so other test files keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyCNN(nn.Module):
     """Covers: BN, in-place ReLU right after a conv (no BN between), grouped and strided conv,
     reflect padding, a 1-D conv and a Linear head."""

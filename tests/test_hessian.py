@@ -11,16 +11,6 @@ from smoothpurify.hessian import (HessianOperator, _fisher_trace_loop, analyze, 
 from smoothpurify.likelihood import Categorical
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Hundreds of tiny HVPs: OpenMP hand-offs dominate, and on a busy 2-core machine a second
-    # thread made them ~40x slower. Restored afterwards so other modules keep their setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(one_thread):
     # Seed 1: the three eigenvalues of largest magnitude (0.876, 0.598, 0.435, then 0.308) are

@@ -15,15 +15,6 @@ from smoothpurify.optim import SAM, NaturalGradient, make_optimizer
 LIK = Categorical()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Many tiny ops: a second OpenMP thread only adds hand-off cost (and stalls on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _classifier(n_in=5, n_out=3, batch=8, seed=0, dtype=torch.float64, bias=True):
     torch.manual_seed(seed)
     layer = nn.Linear(n_in, n_out, bias=bias).to(dtype)

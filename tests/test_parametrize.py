@@ -11,15 +11,6 @@ from smoothpurify import SmoothPurifyError
 from smoothpurify.parametrize import SpectralShift, prepare
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: extra intra-op threads only spin on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Net(nn.Module):
     """Conv1d/2d/3d (one grouped, one reflect-padded), BN, attention with packed in-proj, Linear."""
 

@@ -64,14 +64,6 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_thread):
     """The real stages on tiny data: benign + badnets, purified by ft and ngf, all four analysed."""
     from modalities.image import ImageModality
