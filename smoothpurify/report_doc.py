@@ -68,7 +68,8 @@ def _fmt(value: Any) -> str:
 def _mark_best(group: list[dict[str, Any]]) -> None:
     for key, pick in BEST.items():
         values = [r[key] for r in group if not r.get("reference") and r.get(key) is not None]
-        if len(values) > 1:  # a lone method is not "best" at anything
+        # A lone method is not "best" at anything, and nor is anyone in a column where all tie.
+        if len(values) > 1 and len(set(values)) > 1:
             best = pick(values)
             for r in group:
                 if not r.get("reference") and r.get(key) == best:

@@ -128,7 +128,9 @@ def test_html_tables_hold_the_run_numbers(tiny_run):
     assert not any(best for _, best in body[REFERENCE])
     for col, pick in ((2, min), (3, max), (4, max), (5, min)):
         values = {m: float(body[m][col][0]) for m in ("ft", "ngf")}
-        assert {m for m in values if body[m][col][1]} == {m for m, v in values.items() if v == pick(values.values())}
+        tied = len(set(values.values())) == 1  # nobody is "best" where all are equal
+        expected = set() if tied else {m for m, v in values.items() if v == pick(values.values())}
+        assert {m for m in values if body[m][col][1]} == expected
     models = [row[1][0] for row in smooth_table[1:]]
     assert models == ["benign (reference)", "backdoored (before)", "ft (after)", "ngf (after)"]
     stored = json.loads((root / "metrics" / "analysis" / "badnets-backdoored.json").read_text())
