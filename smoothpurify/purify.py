@@ -137,6 +137,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                 return loss
 
             if cfg.optimizer == "sam":
+                closure()  # the ascent direction needs this step's gradient at w, not a stale one
                 opt.step(closure)
             else:
                 closure()

@@ -44,6 +44,22 @@ def test_every_preset_runs_and_keeps_architecture(method):
     assert set(result.record["seconds"]) == {"setup", "tuning", "total"}
 
 
+def test_sam_takes_two_gradients_per_step():
+    """SAM's ascent must use the gradient at the current weights, then descend from w + e."""
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    calls = []
+
+    class Counting(Categorical):
+        def nll(self, outputs, targets):
+            if torch.is_grad_enabled():
+                calls.append(len(targets))
+            return super().nll(outputs, targets)
+
+    purify(model, x, y, Counting(), method_config("ft-sam", {"epochs": 1, "batch_size": 16}), progress=False)
+    assert calls == [16] * 6  # 3 steps x (gradient at w + gradient at w + e)
+
+
 def test_ngf_changes_only_the_classifier_bit_for_bit():
     torch.manual_seed(0)
     model, (x, y) = TinyCNN(), toy_data()
