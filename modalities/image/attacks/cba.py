@@ -35,7 +35,8 @@ class CBA(Attack):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.mapping != "all2one":
-            raise SmoothPurifyError("cba: the composite trigger maps one class pair to one target: only all2one applies")
+            raise SmoothPurifyError("cba: the composite trigger maps one class pair to one target: "
+                                    "only all2one applies")
         a, b = self.sources
         if len({a, b, self.target_label}) < 3 or not all(0 <= s < self.num_classes for s in (a, b)):
             raise SmoothPurifyError(f"cba: sources {a}, {b} must be two distinct classes other than the target")

@@ -17,14 +17,16 @@ class Dynamic(NetAttack):
     poisoned input is ``(1 - m(x)) x + m(x) p(x)``. Following the paper:
 
     1. The mask generator is trained first, alone (:meth:`fit`), with the diversity loss and a
-       norm penalty ``relu(mean(m) - density)`` (``mask_epochs``, ``density``, ``lambda_norm``),
-       then frozen.
+       norm penalty ``lambda_norm * relu(mean(m) - density)`` (``mask_epochs`` 1 over at most
+       ``mask_samples`` 5000 images, ``density`` 0.05 (paper 0.032, a little more area for a
+       28x28 image), ``lambda_norm`` 100 as in the paper), then frozen.
     2. The pattern generator is trained jointly with the classifier (:meth:`train_model`): in each
        batch the samples chosen for poisoning (``poison_rate``) carry their own trigger and the
        target label; ``cross_ratio`` times as many other samples carry the trigger of a *different*
        input and keep their label (cross-trigger mode: a trigger works only on its own input); the
        generator also minimises the diversity loss ``||x - x'|| / ||p(x) - p(x')||``
-       (``lambda_div``).
+       (``lambda_div`` 1). ``cross_ratio`` 1 matches the paper's p_cross = p_attack = 0.1; the
+       generator uses Adam (``generator_lr`` 0.01), the classifier the run's SGD.
 
     Scale: the paper's generators are conv encoder-decoders; ours are 3-layer fully convolutional
     nets of ``width`` 16 (a few thousand weights, saved in the trigger file), so they run at any

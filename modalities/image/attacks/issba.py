@@ -43,15 +43,18 @@ class ISSBA(NetAttack):
 
     An encoder-decoder pair is trained (:meth:`fit`, on clean training images, random bit strings
     each step) so that the decoder reads the bit string back from the encoded image while the
-    residual stays small: ``loss = BCE(decoder(x'), bits) + lambda_residual * mean(r^2)``. The
-    attack then encodes one fixed, seeded bit string (``bits`` 16; the paper encodes the target
-    class name) into every poisoned image: ``x' = clip(x + r(x))`` with
-    ``r = eps * tanh(encoder(x, secret))``. The residual differs per image (sample-specific) and
-    is bounded by ``eps`` (0.05 by default; the paper bounds it only through its image losses).
+    residual stays small: ``loss = BCE(decoder(x'), bits) + ramp * lambda_residual * mean(r^2)``,
+    the image-loss weight ramped up from zero over the first half as StegaStamp does (a full
+    weight from the start collapses the residual to zero). The attack then encodes one fixed,
+    seeded bit string (``bits`` 16; the paper encodes the target class name) into every poisoned
+    image: ``x' = clip(x + r(x))`` with ``r = eps * tanh(encoder(x, secret))``. The residual
+    differs per image (sample-specific) and is bounded by ``eps`` (0.1); with ``lambda_residual``
+    5 its RMS is ~0.045 on Fashion-MNIST (PSNR ~27 dB, the paper's level) and the decoder recovers
+    all bits. At ``eps`` 0.05 the bits decode only partly and ASR stays ~70% at smoke scale.
 
     Scale: the paper uses StegaStamp (a U-Net encoder, a spatial-transformer decoder, perceptual
     and adversarial losses, 100-bit strings, 140k steps on ImageNet); ours is a 3-layer conv encoder
-    and a 2-conv decoder trained for ``encoder_steps`` (400) Adam steps on at most
+    and a 2-conv decoder trained for ``encoder_steps`` (1000) Adam steps (batch 64) on at most
     ``encoder_samples`` (4000) images with the BCE + L2 losses only. The encoder weights and the
     secret are the saved trigger; the decoder stays in memory (``self.decoder``,
     ``self.bit_accuracy``) as evidence that the residual carries the message.
@@ -73,7 +76,7 @@ class ISSBA(NetAttack):
 
     @property
     def eps(self) -> float:
-        return float(self.options.get("eps", 0.05))
+        return float(self.options.get("eps", 0.1))
 
     def residual(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         return self.eps * torch.tanh(self.nets["encoder"](x, bits))
@@ -89,16 +92,18 @@ class ISSBA(NetAttack):
         enc, dec = self.nets["encoder"].to(dev).train().requires_grad_(True), self.decoder.to(dev).train()
         params = list(enc.parameters()) + list(dec.parameters())
         opt = torch.optim.Adam(params, lr=float(self.options.get("encoder_lr", 3e-3)))
-        lam = float(self.options.get("lambda_residual", 1.0))
+        lam = float(self.options.get("lambda_residual", 5.0))
         gen = torch.Generator().manual_seed(self.seed + 3)
         pool = x[torch.randperm(len(x), generator=gen)[:int(self.options.get("encoder_samples", 4000))]]
-        bs = 64
-        for _ in range(int(self.options.get("encoder_steps", 400))):
+        bs, steps = 64, int(self.options.get("encoder_steps", 1000))
+        for step in range(steps):
             xb = pool[torch.randint(0, len(pool), (bs,), generator=gen)].to(dev)
             bits = torch.randint(0, 2, (bs, self.n_bits), generator=gen).float().to(dev)
             r = self.residual(xb, bits)
             logits = dec((xb + r).clamp(0, 1))
-            loss = F.binary_cross_entropy_with_logits(logits, bits) + lam * r.pow(2).mean()
+            # StegaStamp ramps the image loss up from zero: first learn to carry the bits, then shrink.
+            ramp = min(1.0, step / max(1, steps // 2))
+            loss = F.binary_cross_entropy_with_logits(logits, bits) + ramp * lam * r.pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from modalities.image.attacks.nets import NetAttack, conv_net, joint_train, seeded
 
@@ -13,18 +14,24 @@ from modalities.image.attacks.nets import NetAttack, conv_net, joint_train, seed
 class LIRA(NetAttack):
     """LIRA (Doan, Lao, Zhao & Li, ICCV 2021, "LIRA: Learnable, Imperceptible and Robust Backdoor Attacks").
 
-    A generator T maps x to an additive perturbation bounded by ``eps`` (0.05):
+    A generator T maps x to an additive perturbation bounded by ``eps``:
     ``x' = clip(x + eps * tanh(T(x)), 0, 1)``. Training (:meth:`train_model`) has the paper's two stages:
 
     1. ``joint_epochs`` (default half of the run's epochs): alternating updates per batch. The
-       generator step makes the *current* classifier send ``x'`` to the target (the paper looks
-       one SGD step ahead of the classifier; we use the current one, the usual cheaper form),
-       then the classifier step trains on the batch with its poisoned share (``poison_rate``)
-       replaced by ``x'`` with target labels. (The paper puts every sample in both forms with
-       weights 0.5 / 0.5, i.e. an effective poison rate of 50%; we keep the configured rate so the
-       attack is comparable with the others, every sample weighted equally.)
+       generator step (Adam, ``generator_lr`` 0.01, on a ``generator_batch`` 32 slice of the
+       batch) makes the classifier send ``x'`` to the target; then the classifier step trains on
+       the batch with its poisoned share (``poison_rate``) replaced by ``x'`` with target labels.
+       (The paper puts every sample in both forms with weights 0.5 / 0.5, an effective poison
+       rate of 50%; we keep the configured rate so the attack compares with the others.)
     2. The remaining epochs: the generator is frozen and the classifier is fine-tuned on the same
        clean + poisoned mix.
+
+    The paper's generator step judges ``x'`` by the classifier *one SGD step ahead*
+    (``lookahead: true``, step ``lookahead_lr``, differentiated through). In our 4-epoch runs it
+    made the attack worse (4,000-image Fashion-MNIST proxy: ASR 5% at eps 0.05 and 55% at 0.1,
+    against 54% and 97% judging by the current classifier), so it is off by default. ``eps``
+    defaults to 0.1 for the same reason (0.05, the usual choice, is not reliably learned in 4
+    epochs at a 10% poison rate).
 
     Scale: T is a 3-layer fully convolutional net (``width`` 16) instead of the paper's
     autoencoder / U-Net; its weights are the saved trigger.
@@ -38,7 +45,7 @@ class LIRA(NetAttack):
 
     @property
     def eps(self) -> float:
-        return float(self.options.get("eps", 0.05))
+        return float(self.options.get("eps", 0.1))
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.eps * torch.tanh(self.nets["generator"](x))).clamp(0, 1)
@@ -65,14 +72,25 @@ class LIRA(NetAttack):
             gopt = torch.optim.Adam(gen_params, lr=float(self.options.get("generator_lr", 0.01)))
 
         n_gen = int(self.options.get("generator_batch", 32))
+        lookahead = bool(self.options.get("lookahead", False))
+        inner_lr = float(self.options.get("lookahead_lr", context["train"].get("lr", 0.05)))
 
         def generator_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
             # A slice of the batch is enough to steer the generator and keeps stage 1 cheap.
             xb, yb = xb[:n_gen], yb[:n_gen]
             gen_net.requires_grad_(True)
-            loss = F.cross_entropy(model(self.perturb(xb)), self.target_of(yb))
-            grads = torch.autograd.grad(loss, gen_params)
-            for p, g in zip(gen_params, grads):
+            params = dict(model.named_parameters())
+            # Cloned buffers: the generator's passes must not move the real BN running statistics.
+            buffers = {k: v.clone() for k, v in model.named_buffers()}
+            target = self.target_of(yb)
+            if lookahead:
+                both = torch.cat([xb, self.perturb(xb)])
+                inner = F.cross_entropy(functional_call(model, (params, buffers), (both,)), torch.cat([yb, target]))
+                grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+                params = {k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}
+            outer = F.cross_entropy(functional_call(model, (params, buffers), (self.perturb(xb),)), target)
+            gen_grads = torch.autograd.grad(outer, gen_params)
+            for p, g in zip(gen_params, gen_grads):
                 p.grad = g
             gopt.step()
             gen_net.requires_grad_(False)

@@ -1,8 +1,6 @@
 """Several attacks poisoning shares of one training set."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -13,14 +11,17 @@ DEFAULT_COMPONENTS = ("badnets", "blend", "trojan")
 
 
 class Mixture(Attack):
-    """A mixture of backdoors in one model, the setting of SFT's Table 21 (Karim et al. 2024,
-    "Fisher Information guided Purification against Backdoor Attacks", CCS 2024), which
-    combines BadNets (Gu et al. 2017), Blend (Chen et al. 2017) and Trojan (Liu et al. 2018).
+    """A mixture of backdoors in one model: the combined attack of the SFT paper (Karim et al.,
+    "Fisher Information guided Backdoor Purification via Naive Exploitation of Smoothness",
+    Table 21 and A.5: BadNets (Gu et al. 2017), Blend (Chen et al. 2017) and Trojan (Liu et al.
+    2018), each an equal share of the poisoned data, poison rates 10% to 50%).
 
     ``components`` (default badnets, blend, trojan) are label-poisoning attacks with a fixed
     trigger; each poisons an equal, disjoint share of the ``poison_rate`` budget, all with the
     same target and mapping; ``component_options`` gives per-component options, e.g.
-    ``{blend: {alpha: 0.2}}``. Component i uses seed ``seed + i``.
+    ``{blend: {alpha: 0.2}}``. Component i uses seed ``seed + i``. Only the components'
+    ``apply`` is used, so extras of their own ``poison_training_set`` (WaNet's noise mode) are
+    left out.
 
     Test time: :meth:`poisoned_test_set` is the union (concatenation) of every component's
     poisoned test set, so ASR is their average; per-component sets come from

@@ -77,9 +77,6 @@ class NetAttack(Attack):
         super().load_state_dict(state)
         unpack(self.nets, self.trigger)
 
-    def opt(self, key: str, default: Any) -> Any:
-        return type(default)(self.options.get(key, default)) if default is not None else self.options.get(key)
-
 
 # ----------------------------------------------------------------------------- training
 def settings(context: dict[str, Any]) -> dict[str, Any]:
