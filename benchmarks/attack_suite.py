@@ -6,8 +6,10 @@
 For each attack: train the backdoored model (``pipeline.train_attack``), evaluate it and the
 benign model under its trigger (``pipeline.evaluate``), and write a row (ASR, ACC of the
 backdoored model, benign ACC, RA, training seconds) to ``benchmarks/results/attack_suite.{json,md}``.
-Rows are merged into an existing JSON, so a subset can be re-run. Runs go to ``--run-dir``
-(default ``runs-bench``) so the demo's ``runs/`` is untouched. No purification happens here.
+Rows are merged into an existing JSON, so a subset can be re-run; ``--tag`` stores a variant
+(e.g. the paper's strength) as an extra row (its model replaces ``models/<name>`` in the run
+folder). Runs go to ``--run-dir`` (default ``runs-bench``) so the demo's ``runs/`` is untouched.
+No purification happens here.
 
 Goals (the issue's): ASR >= 90% for label-poisoning attacks, >= 70% for clean-label ones, ACC
 within 3 points of the benign model.
@@ -60,21 +62,24 @@ def to_markdown(rows: dict[str, dict], meta: dict) -> str:
              f"Model `{meta['model']}`, {meta['epochs']} epochs, poison rate {meta['poison_rate']} "
              f"(clean-label: {meta['clean_label_rate']} of the target class), target {meta['target']}, "
              f"seed {meta['seed']}, {meta['threads']} CPU threads.", "",
-             "| attack | kind | ASR | ACC (backdoored) | ACC (benign) | ACC drop | RA | benign ASR "
+             "| attack | kind | options | ASR | ACC (backdoored) | ACC (benign) | ACC drop | RA | benign ASR "
              "| train s | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {n: i for i, n in enumerate(ALL)}
     for name in sorted(rows, key=lambda n: (order.get(n.split(" ")[0], len(ALL)), n)):
         r = rows[name]
         drop = r["benign_acc"] - r["acc"]
         ok = r["asr"] >= goal(r["clean_label"]) and drop <= 0.03
         kind = "clean-label" if r["clean_label"] else r["mapping"]
-        lines.append(f"| {name} | {kind} | {r['asr']:.1%} | {r['acc']:.1%} | {r['benign_acc']:.1%} | "
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items())) or "defaults"
+        lines.append(f"| {name} | {kind} | {opts} | {r['asr']:.1%} | {r['acc']:.1%} | {r['benign_acc']:.1%} | "
                      f"{100 * drop:+.1f} pt | {r['ra']:.1%} | {r['benign_asr']:.1%} | {r['train_seconds']:.0f} | "
                      f"{'yes' if ok else 'no'} |")
     lines += ["", "ASR: poisoned test inputs (true class != target) classified as the target. "
               "RA: the same inputs classified as their true class. Benign ASR: the benign model "
-              "under the same trigger (the floor).", ""]
+              "under the same trigger (the floor). Options: those given in params.yaml / --set; the "
+              "rest are the attack class's defaults. train s: wall seconds on a shared 2-core machine "
+              "(other jobs loaded it during some runs).", ""]
     return "\n".join(lines)
 
 

@@ -72,14 +72,16 @@ def test_wanet_small_warp_and_noise_mode(data):
     atk = make("wanet", poison_rate=0.1, s=0.5)  # the paper's strength
     field = atk.trigger["field"]
     assert field.shape == (2, 12, 12) and torch.isfinite(field).all()
-    shift_px = (atk.grid() - atk.identity_grid()).abs() * (SHAPE[1] - 1) / 2
-    assert shift_px.max() <= 0.5 * field.abs().max() * 0.5 + 1e-5 and shift_px.mean() < 0.5  # sub-pixel
+    shift_px = (atk.grid() - atk.identity_grid()).abs() * (SHAPE[1] - 1) / 2  # grid units -> pixels
+    # s * field / H in grid units is at most s * |field| / 2 pixels; on average a sub-pixel warp.
+    assert shift_px.max() <= atk.strength * field.abs().max() / 2 + 1e-5 and shift_px.mean() < 0.5
     warped = atk.apply(x)
     assert 0 < (warped - x).abs().mean() < 0.1
     xp, yp, mask = atk.poison_training_set(x, y)
     noise = atk.noise_mask
     assert int(noise.sum()) == 2 * int(mask.sum()) and not (noise & mask).any()
     assert torch.equal(yp[noise], y[noise]) and torch.all(yp[mask] == 0)
+    assert torch.equal(xp[mask], atk.apply(x[mask]))
     assert not torch.allclose(xp[noise], atk.apply(x[noise]))  # jittered, not the exact trigger
     assert torch.equal(xp[~mask & ~noise], x[~mask & ~noise])
 

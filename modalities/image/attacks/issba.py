@@ -50,7 +50,8 @@ class ISSBA(NetAttack):
     image: ``x' = clip(x + r(x))`` with ``r = eps * tanh(encoder(x, secret))``. The residual
     differs per image (sample-specific) and is bounded by ``eps`` (0.1); with ``lambda_residual``
     5 its RMS is ~0.045 on Fashion-MNIST (PSNR ~27 dB, the paper's level) and the decoder recovers
-    all bits. At ``eps`` 0.05 the bits decode only partly and ASR stays ~70% at smoke scale.
+    all bits. At ``eps`` 0.05: PSNR ~29.5 dB, 91% of the bits, and still ASR 99.9% in the smoke
+    profile; 0.1 is the default because there the residual really carries the whole message.
 
     Scale: the paper uses StegaStamp (a U-Net encoder, a spatial-transformer decoder, perceptual
     and adversarial losses, 100-bit strings, 140k steps on ImageNet); ours is a 3-layer conv encoder
