@@ -62,17 +62,18 @@ def to_markdown(rows: dict[str, dict], meta: dict) -> str:
              f"Model `{meta['model']}`, {meta['epochs']} epochs, poison rate {meta['poison_rate']} "
              f"(clean-label: {meta['clean_label_rate']} of the target class), target {meta['target']}, "
              f"seed {meta['seed']}, {meta['threads']} CPU threads.", "",
-             "| attack | kind | options | ASR | ACC (backdoored) | ACC (benign) | ACC drop | RA | benign ASR "
+             "| attack | kind | rate | options | ASR | ACC (backdoored) | ACC (benign) | ACC drop | RA | benign ASR "
              "| train s | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {n: i for i, n in enumerate(ALL)}
-    for name in sorted(rows, key=lambda n: (order.get(n.split(" ")[0], len(ALL)), n)):
+    for name in sorted(rows, key=lambda n: (order.get(rows[n].get("attack", n.split(" ")[0]), len(ALL)), n)):
         r = rows[name]
         drop = r["benign_acc"] - r["acc"]
         ok = r["asr"] >= goal(r["clean_label"]) and drop <= 0.03
         kind = "clean-label" if r["clean_label"] else r["mapping"]
         opts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items())) or "defaults"
-        lines.append(f"| {name} | {kind} | {opts} | {r['asr']:.1%} | {r['acc']:.1%} | {r['benign_acc']:.1%} | "
+        rate = f"{r['poison_rate']:.0%}" if "poison_rate" in r else "-"
+        lines.append(f"| {name} | {kind} | {rate} | {opts} | {r['asr']:.1%} | {r['acc']:.1%} | {r['benign_acc']:.1%} | "
                      f"{100 * drop:+.1f} pt | {r['ra']:.1%} | {r['benign_asr']:.1%} | {r['train_seconds']:.0f} | "
                      f"{'yes' if ok else 'no'} |")
     lines += ["", "ASR: poisoned test inputs (true class != target) classified as the target. "
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         meta = pipeline.train_attack("image", params, name, force=not args.reuse, progress=False)
         rec = pipeline.evaluate("image", params, name)
-        row = {"asr": rec["backdoored"]["asr"], "acc": rec["backdoored"]["acc"], "ra": rec["backdoored"]["ra"],
+        row = {"attack": meta["attack"]["name"], "poison_rate": meta["attack"]["poison_rate"],
+               "asr": rec["backdoored"]["asr"], "acc": rec["backdoored"]["acc"], "ra": rec["backdoored"]["ra"],
                "benign_acc": rec["benign"]["acc"], "benign_asr": rec["benign"]["asr"],
                "clean_label": bool(meta["attack"]["clean_label"]), "mapping": meta["attack"]["mapping"],
                "options": {k: v for k, v in meta["attack"].items() if k not in

@@ -51,7 +51,7 @@ def attack(name: str = typer.Argument(..., help="attack name, or 'benign' for th
     from smoothpurify import pipeline
 
     p = _params(params, profile)
-    mod_names = _modality(modality).attack_names()
+    mod_names = _modality(modality).attack_names(p)
     if name != pipeline.BENIGN and name not in mod_names:
         raise SmoothPurifyError(f"unknown attack {name!r}; choose benign or one of: {', '.join(mod_names)}")
     meta = pipeline.train_attack(modality, p, name, force=force)

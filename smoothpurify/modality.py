@@ -37,7 +37,11 @@ class Modality(Protocol):
 
     def model_names(self) -> list[str]: ...
 
-    def attack_names(self) -> list[str]: ...
+    # Optional: ``training_params(params, attack) -> dict``, the part of the params that training
+    # ``attack``'s (or "benign") model depends on; the pipeline fingerprints it to skip fresh models.
+
+    def attack_names(self, params: dict[str, Any] | None = None) -> list[str]:
+        """Registered attacks, plus the variants ``params`` names (settings of registered ones)."""
 
 
 _REGISTRY: dict[str, Any] = {}

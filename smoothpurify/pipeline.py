@@ -27,8 +27,12 @@ def run_root(params: dict[str, Any], modality: str) -> Path:
     return Path(params.get("run_dir", "runs")) / modality
 
 
-def _stage_params(params: dict[str, Any], modality: str) -> dict[str, Any]:
-    return {"seed": params.get("seed", 0), modality: params.get(modality, {})}
+def _stage_params(params: dict[str, Any], modality: str, attack: str) -> Any:
+    """What training ``attack``'s model depends on: the modality says, if it can (so adding an
+    attack to the list does not retrain the others); else its whole params section."""
+    narrow = getattr(get_modality(modality), "training_params", None)
+    section = narrow(params, attack) if narrow is not None else params.get(modality, {})
+    return {"seed": params.get("seed", 0), modality: section}
 
 
 def _fresh(record: Path, fp: str) -> bool:
@@ -60,7 +64,7 @@ def train_attack(modality: str, params: dict[str, Any], attack: str, force: bool
     """Train the benign model (``attack="benign"``) or a model backdoored by ``attack``."""
     root = run_root(params, modality)
     out = root / "models" / attack
-    fp = fingerprint(_stage_params(params, modality), attack, (root / "data" / "data.json").read_text()
+    fp = fingerprint(_stage_params(params, modality, attack), attack, (root / "data" / "data.json").read_text()
                      if (root / "data" / "data.json").is_file() else None)
     if not force and _fresh(out / "model.json", fp):
         return json.loads((out / "model.json").read_text())

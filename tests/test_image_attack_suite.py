@@ -230,6 +230,26 @@ def test_half_poisoned_all2all(name, data):
     assert int(mask1.sum()) == 100 and torch.all(yp1[mask1] == 4) and torch.all(y[mask1] != 4)
 
 
+def test_named_variants_set_strength_mapping_and_options():
+    mod, meta = ImageModality(), {"num_classes": 10, "input_shape": list(SHAPE)}
+    params = {"image": {"attack": {"poison_rate": 0.1, "options": {"blend": {"alpha": 0.2}}, "variants": {
+        "blend-50": {"attack": "blend", "poison_rate": 0.5, "options": {"alpha": 0.3}},
+        "badnets-a2a": {"attack": "badnets", "mapping": "all2all"}}}}}
+    assert {"blend-50", "badnets-a2a", "badnets"} <= set(mod.attack_names(params))
+    strong = mod.create_attack("blend-50", params, meta)
+    assert type(strong).__name__ == "Blend" and strong.poison_rate == 0.5 and strong.options["alpha"] == 0.3
+    plain = mod.create_attack("blend", params, meta)
+    assert plain.poison_rate == 0.1 and plain.options["alpha"] == 0.2
+    assert mod.create_attack("badnets-a2a", params, meta).mapping == "all2all"
+    for variants, msg in [({"badnets": {"attack": "blend"}}, "taken by a registered attack"),
+                          ({"x": {"attack": "nosuch"}}, "unknown attack 'nosuch'"),
+                          ({"x": {"attack": "blend", "poison_rate": 2}}, "must be in")]:
+        with pytest.raises(SmoothPurifyError, match=msg):
+            mod.create_attack("blend", {"image": {"attack": {"variants": variants}}}, meta)
+    with pytest.raises(SmoothPurifyError, match="unknown attack 'blend-5'"):
+        mod.create_attack("blend-5", params, meta)
+
+
 # ---------------------------------------------------------------------------------------- round trip
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_trigger_round_trip_through_safetensors(name, data, tmp_path):

@@ -30,6 +30,17 @@ def test_finished_stages_are_skipped(tiny_params):
     first = pipeline.train_attack("image", tiny_params, "benign", progress=False)
     again = pipeline.train_attack("image", tiny_params, "benign", progress=False)
     assert again["train_seconds"] == first["train_seconds"]  # read back, not retrained
+    # Another attack in the list, another attack's options or a new variant: the benign model stands.
+    img = tiny_params["image"]
+    img["attacks"] = ["badnets", "blend"]
+    img["attack"] = {**img["attack"], "options": {"blend": {"alpha": 0.3}},
+                     "variants": {"blend-50": {"attack": "blend", "poison_rate": 0.5}}}
+    assert pipeline.train_attack("image", tiny_params, "benign", progress=False)["fingerprint"] == first["fingerprint"]
+    assert (pipeline._stage_params(tiny_params, "image", "badnets")
+            != pipeline._stage_params(tiny_params, "image", "blend")
+            != pipeline._stage_params(tiny_params, "image", "blend-50"))
+    img["train"] = {**img["train"], "epochs": 1}  # what the model does depend on: retrained
+    assert pipeline.train_attack("image", tiny_params, "benign", progress=False)["fingerprint"] != first["fingerprint"]
 
 
 def test_same_seed_same_metrics(tiny_params, tmp_path):

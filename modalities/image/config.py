@@ -12,19 +12,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_rate(v: Optional[float]) -> Optional[float]:
+    if v is not None and not 0.0 < v <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {v}")
+    return v
+
+
+class AttackVariant(_Strict):
+    """A named setting of one attack (strength, mapping, options), usable wherever a name is."""
+
+    attack: str = Field(description="the registered attack this is a setting of, e.g. badnets")
+    mapping: Optional[Literal["all2one", "all2all"]] = None
+    poison_rate: Optional[float] = Field(None, description="share of the training set (clean-label: of the target class)")
+    target_label: Optional[int] = None
+    options: dict = Field(default_factory=dict, description="merged over attack.options of the base attack")
+
+    @field_validator("poison_rate")
+    @classmethod
+    def _rate(cls, v: Optional[float]) -> Optional[float]:
+        return _check_rate(v)
+
+
 class AttackParams(_Strict):
     target_label: int = 0
     mapping: Literal["all2one", "all2all"] = "all2one"
     poison_rate: float = 0.1
     clean_label_rate: float = Field(0.8, description="clean-label attacks: share of target-class samples poisoned")
     options: dict[str, dict] = Field(default_factory=dict, description="per-attack options, e.g. blend: {alpha: 0.2}")
+    variants: dict[str, AttackVariant] = Field(
+        default_factory=dict, description="named settings, e.g. badnets-50: {attack: badnets, poison_rate: 0.5}")
 
     @field_validator("poison_rate", "clean_label_rate")
     @classmethod
     def _rate(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
+        return _check_rate(v)
 
 
 class TrainParams(_Strict):

@@ -40,11 +40,31 @@ class ImageModality:
     def model_names(self) -> list[str]:
         return list(MODELS)
 
-    def attack_names(self) -> list[str]:
-        return list(ATTACKS)
+    def attack_names(self, params: dict[str, Any] | None = None) -> list[str]:
+        return [*ATTACKS, *(self.config(params).attack.variants if params is not None else ())]
 
     def config(self, params: dict[str, Any]) -> ImageParams:
-        return image_params(params)
+        cfg = image_params(params)
+        for name, variant in cfg.attack.variants.items():
+            if name in ATTACKS or name == "benign":
+                raise SmoothPurifyError(f"params.yaml image.attack.variants: {name!r} is taken by a registered "
+                                        "attack; give the variant its own name")
+            if variant.attack not in ATTACKS:
+                raise SmoothPurifyError(f"params.yaml image.attack.variants.{name}: unknown attack "
+                                        f"{variant.attack!r}; choose one of: {', '.join(ATTACKS)}")
+        return cfg
+
+    def training_params(self, params: dict[str, Any], attack: str) -> dict[str, Any]:
+        """The ``image`` params that training ``attack``'s model (or "benign") depends on: not the
+        list of attacks, nor other attacks' options and variants."""
+        section = {k: v for k, v in params.get("image", {}).items() if k != "attacks"}
+        settings = dict(section.pop("attack", None) or {})
+        if attack != "benign":
+            variant = (settings.pop("variants", None) or {}).get(attack)
+            base = variant["attack"] if isinstance(variant, dict) and "attack" in variant else attack
+            settings["options"] = (settings.get("options") or {}).get(base)
+            section["attack"] = {**settings, "variant": variant}
+        return section
 
     def create_model(self, name: str, **kwargs: Any) -> nn.Module:
         return create_model(name, **kwargs)
@@ -121,12 +141,22 @@ class ImageModality:
 
     # ---------------------------------------------------------------- attacks and models
     def create_attack(self, name: str, params: dict[str, Any], data_meta: dict[str, Any]) -> Attack:
+        """The attack ``name``: a registered one, or a variant named in ``image.attack.variants``."""
         cfg = self.config(params).attack
-        cls = ATTACKS.get(name)
-        rate = cfg.clean_label_rate if cls is not None and cls.clean_label else cfg.poison_rate
-        return create_attack(name, num_classes=data_meta["num_classes"], input_shape=tuple(data_meta["input_shape"]),
-                             target_label=cfg.target_label, mapping=cfg.mapping, poison_rate=rate,
-                             seed=int(params.get("seed", 0)), **cfg.options.get(name, {}))
+        variant = cfg.variants.get(name)
+        base = variant.attack if variant is not None else name
+        if base not in ATTACKS:  # variants' bases were checked by config()
+            raise SmoothPurifyError(f"unknown attack {name!r}; choose one of: {', '.join([*ATTACKS, *cfg.variants])}")
+        clean_label = ATTACKS[base].clean_label
+        kwargs = {"target_label": cfg.target_label, "mapping": cfg.mapping,
+                  "poison_rate": cfg.clean_label_rate if clean_label else cfg.poison_rate}
+        options = dict(cfg.options.get(base, {}))
+        if variant is not None:
+            kwargs.update({k: v for k, v in variant.model_dump(include={"target_label", "mapping", "poison_rate"}).items()
+                           if v is not None})
+            options.update(variant.options)
+        return create_attack(base, num_classes=data_meta["num_classes"], input_shape=tuple(data_meta["input_shape"]),
+                             seed=int(params.get("seed", 0)), **kwargs, **options)
 
     def _clean_label_rate_to_global(self, attack: Attack, y: torch.Tensor) -> None:
         # Clean-label rates are quoted as a share of the target class; the base class counts the whole set.
