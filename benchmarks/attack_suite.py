@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +63,9 @@ def to_markdown(rows: dict[str, dict], meta: dict) -> str:
              f"Model `{meta['model']}`, {meta['epochs']} epochs, poison rate {meta['poison_rate']} "
              f"(clean-label: {meta['clean_label_rate']} of the target class), target {meta['target']}, "
              f"seed {meta['seed']}, {meta['threads']} CPU threads.", "",
-             "| attack | kind | rate | options | ASR | ACC (backdoored) | ACC (benign) | ACC drop | RA | benign ASR "
+             "| attack | kind | rate | options | ASR | ASR (recognised) | ACC (backdoored) | ACC (benign) | ACC drop | RA | benign ASR "
              "| train s | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {n: i for i, n in enumerate(ALL)}
     for name in sorted(rows, key=lambda n: (order.get(rows[n].get("attack", n.split(" ")[0]), len(ALL)), n)):
         r = rows[name]
@@ -73,15 +74,44 @@ def to_markdown(rows: dict[str, dict], meta: dict) -> str:
         kind = "clean-label" if r["clean_label"] else r["mapping"]
         opts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items())) or "defaults"
         rate = f"{r['poison_rate']:.0%}" if "poison_rate" in r else "-"
-        lines.append(f"| {name} | {kind} | {rate} | {opts} | {r['asr']:.1%} | {r['acc']:.1%} | {r['benign_acc']:.1%} | "
+        recognised = "-" if r.get("asr_recognised") is None else f"{r['asr_recognised']:.1%}"
+        lines.append(f"| {name} | {kind} | {rate} | {opts} | {r['asr']:.1%} | {recognised} | {r['acc']:.1%} | {r['benign_acc']:.1%} | "
                      f"{100 * drop:+.1f} pt | {r['ra']:.1%} | {r['benign_asr']:.1%} | {r['train_seconds']:.0f} | "
                      f"{'yes' if ok else 'no'} |")
     lines += ["", "ASR: poisoned test inputs (true class != target) classified as the target. "
+              "ASR (recognised): the same, over the inputs whose clean version the model classifies right "
+              "(all2all: the model must know y to send it to y + 1, so raw ASR is capped by ACC). "
               "RA: the same inputs classified as their true class. Benign ASR: the benign model "
               "under the same trigger (the floor). Options: those given in params.yaml / --set; the "
               "rest are the attack class's defaults. train s: wall seconds on a shared 2-core machine "
               "(other jobs loaded it during some runs).", ""]
     return "\n".join(lines)
+
+
+def recognised_asr(run_dir: Path, name: str) -> float | None:
+    """ASR over the poisoned test inputs whose clean version the backdoored model classifies right.
+
+    An all2all trigger sends y to y + 1, so the model must recognise y first: its raw ASR cannot
+    exceed its clean accuracy (Fashion-MNIST's ~90% in the smoke profile). This separates "the
+    backdoor did not take" from "the model does not know the class". None for attacks whose
+    poisoned test inputs have no single clean counterpart (CBA's composites, mixtures' unions).
+    """
+    from modalities.base import Attack
+    from smoothpurify.modality import get_modality
+    from smoothpurify.training import predict
+
+    mod, root = get_modality("image"), run_dir / "image"
+    attack = mod.load_attack(root / "models" / name, mod.data_meta(root / "data"))
+    if type(attack).poisoned_test_set is not Attack.poisoned_test_set:
+        return None
+    model, _ = mod.load_model(root / "models" / name)
+    x, y = mod.load_split(root / "data", "test")
+    targets = attack.target_of(y)
+    keep = targets != y
+    x, y, targets = x[keep], y[keep], targets[keep]
+    recognised = predict(model, x) == y
+    poisoned = torch.cat([attack.apply(chunk) for chunk in x.split(1024)])
+    return float((predict(model, poisoned) == targets)[recognised].float().mean())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "attack_suite"))
     args = ap.parse_args(argv)
-
-    import torch
 
     from smoothpurify import pipeline
     from smoothpurify.params import load_params
@@ -131,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = pipeline.train_attack("image", params, name, force=not args.reuse, progress=False)
         rec = pipeline.evaluate("image", params, name)
         row = {"attack": meta["attack"]["name"], "poison_rate": meta["attack"]["poison_rate"],
-               "asr": rec["backdoored"]["asr"], "acc": rec["backdoored"]["acc"], "ra": rec["backdoored"]["ra"],
+               "asr": rec["backdoored"]["asr"], "asr_recognised": recognised_asr(Path(args.run_dir), name), "acc": rec["backdoored"]["acc"], "ra": rec["backdoored"]["ra"],
                "benign_acc": rec["benign"]["acc"], "benign_asr": rec["benign"]["asr"],
                "clean_label": bool(meta["attack"]["clean_label"]), "mapping": meta["attack"]["mapping"],
                "options": {k: v for k, v in meta["attack"].items() if k not in

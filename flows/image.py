@@ -13,8 +13,9 @@ from typing import Any
 from prefect import flow
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.modality import get_modality
 from smoothpurify.params import load_params
-from smoothpurify.pipeline import BENIGN, run_root
+from smoothpurify.pipeline import BENIGN, check_names, run_root
 from smoothpurify.analysis import BACKDOORED, analysis_settings
 from smoothpurify.report import ATTACK_COLUMNS, attack_rows, print_table, save_rows
 from smoothpurify.report_doc import METHOD_COLUMNS, SMOOTHNESS_COLUMNS, method_rows, smoothness_rows
@@ -28,13 +29,21 @@ from tasks.report import write_report
 MODALITY = "image"
 
 
+def selection(params: dict[str, Any], attacks: list[str] | None,
+              methods: list[str] | None) -> tuple[list[str], list[str]]:
+    """The attacks and methods to run (params' lists unless given), checked before any work."""
+    attacks = attacks or get_modality(MODALITY).config(params).attacks
+    methods = (params.get("purify", {}) or {}).get("methods", []) if methods is None else methods
+    check_names(MODALITY, params, attacks, methods)
+    return attacks, methods
+
+
 @flow(name="image-backdoor", log_prints=True)
 def image_flow(profile: str | None = None, params_path: str = "params.yaml", attacks: list[str] | None = None,
                methods: list[str] | None = None, overrides: dict[str, Any] | None = None,
                force: bool = False) -> dict[str, Any]:
     params = load_params(params_path, profile, overrides)
-    attacks = attacks or params[MODALITY]["attacks"]
-    methods = (params.get("purify", {}) or {}).get("methods", []) if methods is None else methods
+    attacks, methods = selection(params, attacks, methods)
     started = time.perf_counter()
     data = prepare_data(MODALITY, params, force=force)
     print(f"data: {data['source']} — sizes {data['sizes']}")
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     attacks = args.attacks.split(",") if args.attacks else None
     methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
     try:
+        selection(load_params(args.params, args.profile), attacks, methods)  # one-line errors, before Prefect starts
         image_flow(profile=args.profile, params_path=args.params, attacks=attacks, methods=methods, force=args.force)
     except SmoothPurifyError as err:
         print(f"error: {err}", file=sys.stderr)

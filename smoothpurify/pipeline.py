@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
 from smoothpurify.modality import get_modality
 from smoothpurify.params import fingerprint
@@ -98,6 +99,16 @@ def method_overrides(params: dict[str, Any], method: str) -> dict[str, Any]:
     """params.yaml's ``purify.common`` then ``purify.overrides.<method>``."""
     section = params.get("purify", {}) or {}
     return {**(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
+
+
+def check_names(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str]) -> None:
+    """Fail before any work on an unknown attack or method, or a method setting that is invalid."""
+    known = get_modality(modality).attack_names(params)
+    unknown = [a for a in attacks if a not in known]
+    if unknown:
+        raise SmoothPurifyError(f"unknown attack {unknown[0]!r}; choose one of: {', '.join(known)}")
+    for method in methods:
+        method_runner(params, method)
 
 
 def method_runner(params: dict[str, Any], method: str):

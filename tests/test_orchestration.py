@@ -54,6 +54,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == f"error: dataset path not found: {tmp_path / 'nowhere'}"
     out = _run(["-m", "smoothpurify.cli", "attack", "nosuch", "--params", str(bad)], ROOT)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown attack 'nosuch'" in out.stderr
+    for flag in ("--attacks=badnets,nosuch", "--methods=ngf,nosuch"):  # the flow checks names before any work
+        out = _run(["-m", "flows.image", "--params", str(bad), flag], ROOT)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown" in out.stderr and "'nosuch'" in out.stderr
+    assert not (tmp_path / "image").exists()
     out = _run(["-m", "smoothpurify.cli", "prepare", "--params", str(tmp_path / "none.yaml")], ROOT)
     assert out.returncode == 2 and "parameters file not found" in out.stderr
 
