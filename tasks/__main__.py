@@ -10,14 +10,38 @@ import sys
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.params import load_params
+from smoothpurify.pipeline import BENIGN, check_names
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_attack_stage(args: argparse.Namespace, params: dict) -> None:
+    """The stages of one attack (and method or model): names checked before any work."""
     from tasks.analyze import analyze, build_analysis_batch
     from tasks.attack import train_attack
     from tasks.evaluate import evaluate
-    from tasks.prepare import prepare_data
     from tasks.purify import purify
+
+    if args.attack is None:
+        raise SmoothPurifyError(f"stage {args.stage} needs --attack")
+    if args.stage == "purify" and args.method is None:
+        raise SmoothPurifyError("stage purify needs --method")
+    if args.stage == "analyze" and args.model is None:
+        raise SmoothPurifyError("stage analyze needs --model (benign, backdoored or purified/<method>)")
+    check_names(args.modality, params, [] if args.attack == BENIGN else [args.attack],
+                [args.method] if args.stage == "purify" else [])
+    if args.stage == "attack":
+        train_attack.fn(args.modality, params, args.attack, force=True)
+    elif args.stage == "purify":
+        purify.fn(args.modality, params, args.attack, args.method, force=True)
+    elif args.stage == "analysis-batch":
+        build_analysis_batch.fn(args.modality, params, args.attack, force=True)
+    elif args.stage == "analyze":
+        analyze.fn(args.modality, params, args.attack, args.model, force=True)
+    else:
+        evaluate.fn(args.modality, params, args.attack)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.prepare import prepare_data
     from tasks.report import write_report
 
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
@@ -37,22 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "report":
             write_report.fn(args.modality, params, params[args.modality]["attacks"],
                             (params.get("purify") or {}).get("methods") or [])
-        elif args.attack is None:
-            raise SmoothPurifyError(f"stage {args.stage} needs --attack")
-        elif args.stage == "attack":
-            train_attack.fn(args.modality, params, args.attack, force=True)
-        elif args.stage == "purify":
-            if args.method is None:
-                raise SmoothPurifyError("stage purify needs --method")
-            purify.fn(args.modality, params, args.attack, args.method, force=True)
-        elif args.stage == "analysis-batch":
-            build_analysis_batch.fn(args.modality, params, args.attack, force=True)
-        elif args.stage == "analyze":
-            if args.model is None:
-                raise SmoothPurifyError("stage analyze needs --model (benign, backdoored or purified/<method>)")
-            analyze.fn(args.modality, params, args.attack, args.model, force=True)
         else:
-            evaluate.fn(args.modality, params, args.attack)
+            run_attack_stage(args, params)
     except SmoothPurifyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -66,3 +66,22 @@ def test_cli_help_for_each_subcommand():
     for sub in ("prepare", "attack", "evaluate", "list"):
         out = _run(["-m", "smoothpurify.cli", sub, "--help"], ROOT)
         assert out.returncode == 0 and "Usage" in out.stdout, out.stderr
+
+
+def test_dvc_entry_runs_stages_and_checks_names(tiny_params, tmp_path, capsys):
+    from tasks.__main__ import main
+
+    path = str(write_params(tmp_path, tiny_params))
+    for argv in (["prepare"], ["attack", "--attack", "benign"], ["attack", "--attack", "badnets"],
+                 ["evaluate", "--attack", "badnets"], ["purify", "--attack", "badnets", "--method", "ngf"]):
+        assert main([*argv, "--params", path]) == 0, argv
+    metrics = Path(tiny_params["run_dir"]) / "image" / "metrics"
+    assert json.loads((metrics / "badnets.json").read_text())["backdoored"]["asr"] >= 0.9
+    assert (metrics / "purify" / "badnets-ngf.json").is_file()
+    capsys.readouterr()
+    for argv, msg in ((["attack", "--attack", "nosuch"], "unknown attack 'nosuch'"),
+                      (["purify", "--attack", "badnets"], "needs --method"),
+                      (["purify", "--attack", "badnets", "--method", "nosuch"], "unknown purification method")):
+        assert main([*argv, "--params", path]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, err
