@@ -7,15 +7,14 @@ analysis batch; :func:`write_curves_csv` turns the stored points into the CSV ``
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize as P
 
 from smoothpurify.hessian import HessianOperator, _lanczos
+from smoothpurify.parametrize import bake_parametrizations
 from smoothpurify.training import to_device
 
 __all__ = ["CURVE_FIELDS", "write_curves_csv", "curve_evaluator", "lambda_max_fn", "plain_copy", "with_lambda_max"]
@@ -48,13 +47,9 @@ def plain_copy(model: nn.Module) -> nn.Module:
     The tuning loop hands the callback its working model, which for f-SFT computes each weight
     from singular-value shifts. The Hessian must be taken w.r.t. the weights themselves (as for
     every other model), not w.r.t. the shifts, or curves of different methods would not compare.
+    The working model must keep its parametrizations (see :func:`bake_parametrizations`).
     """
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if P.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                P.remove_parametrizations(module, name, leave_parametrized=True)
-    return plain
+    return bake_parametrizations(model)
 
 
 def lambda_max_fn(inputs: Any, targets: torch.Tensor, likelihood: Any, steps: int = 10,

@@ -113,44 +113,50 @@ class Tuned:
         return self.train(False)
 
     def merge(self) -> nn.Module:
-        """A plain module (original classes and state-dict keys) holding the tuned weights.
-
-        Equivalent to ``remove_parametrizations(leave_parametrized=True)`` on a deep copy, done by
-        hand because that function deletes the property from the *class*, which the deep copy
-        shares with the working model (the working model would lose its weights). Weights tied
-        before wrapping share one original tensor and come out as one shared parameter again.
-        """
-        merged = copy.deepcopy(self.model)
-        replaced: dict[int, torch.Tensor] = {}
-        for name, module in list(merged.named_modules()):
-            if not P.is_parametrized(module):
-                continue
-            values = {}
-            with torch.no_grad():
-                for tensor_name, plist in module.parametrizations.items():
-                    original = getattr(plist, "original", plist)
-                    if id(original) not in replaced:
-                        value = getattr(module, tensor_name).detach().clone()
-                        is_param = isinstance(original, nn.Parameter) or original is plist
-                        replaced[id(original)] = nn.Parameter(value) if is_param else value
-                    values[tensor_name] = replaced[id(original)]
-            module.__class__ = P.type_before_parametrizations(module)
-            del module._modules["parametrizations"]
-            for tensor_name, value in values.items():
-                if isinstance(value, nn.Parameter):
-                    module.register_parameter(tensor_name, value)
-                else:
-                    module.register_buffer(tensor_name, value)
-            # Restore the original order so state-dict keys come out as the unwrapped model's.
-            own = module._parameters
-            for key in self._param_order.get(name, []):
-                if key in own:
-                    own[key] = own.pop(key)
+        """A plain module (original classes and state-dict keys) holding the tuned weights."""
+        merged = bake_parametrizations(self.model, self._param_order)
         for p in merged.parameters():
             p.requires_grad_(True)
             p.grad = None
         merged.train(self.model.training)
         return merged
+
+
+def bake_parametrizations(model: nn.Module, param_order: dict[str, list[str]] | None = None) -> nn.Module:
+    """A deep copy of ``model`` with every parametrization replaced by the tensor it computes.
+
+    Equivalent to ``remove_parametrizations(leave_parametrized=True)`` on a deep copy, done by
+    hand because that function deletes the property from the *class*, which the deep copy shares
+    with ``model`` (``model`` would lose its weights). Weights tied before wrapping share one
+    original tensor and come out as one shared parameter again. ``param_order`` (module name ->
+    parameter names) restores the unwrapped model's state-dict key order.
+    """
+    merged = copy.deepcopy(model)
+    replaced: dict[int, torch.Tensor] = {}
+    for name, module in list(merged.named_modules()):
+        if not P.is_parametrized(module):
+            continue
+        values = {}
+        with torch.no_grad():
+            for tensor_name, plist in module.parametrizations.items():
+                original = getattr(plist, "original", plist)
+                if id(original) not in replaced:
+                    value = getattr(module, tensor_name).detach().clone()
+                    is_param = isinstance(original, nn.Parameter) or original is plist
+                    replaced[id(original)] = nn.Parameter(value) if is_param else value
+                values[tensor_name] = replaced[id(original)]
+        module.__class__ = P.type_before_parametrizations(module)
+        del module._modules["parametrizations"]
+        for tensor_name, value in values.items():
+            if isinstance(value, nn.Parameter):
+                module.register_parameter(tensor_name, value)
+            else:
+                module.register_buffer(tensor_name, value)
+        own = module._parameters
+        for key in (param_order or {}).get(name, []):
+            if key in own:
+                own[key] = own.pop(key)
+    return merged
 
 
 def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

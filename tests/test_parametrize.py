@@ -174,3 +174,22 @@ def test_inplace_wraps_the_given_model():
     ref = torch.linalg.svdvals(tuned.merge().head.weight)
     torch.testing.assert_close(sv, ref)
     assert F.mse_loss(w, tuned.merge().head.weight) < 1e-12
+
+
+def test_baking_a_copy_leaves_the_working_model_parametrized():
+    """Curves take lambda_max of a baked copy mid-tuning (paper profile: curve_every, curve_lambda_steps);
+    ``remove_parametrizations`` on a deep copy would strip the shared class's weight property."""
+    from smoothpurify.curves import plain_copy
+
+    model, x = make()
+    tuned = prepare(model, "spectral").eval()
+    with torch.no_grad():
+        for p in tuned.named_tuned().values():
+            p.add_(0.1)
+        expected = tuned.model(x)
+        for _ in range(2):
+            plain = plain_copy(tuned.model)
+            assert not any(P.is_parametrized(m) for m in plain.modules())
+            assert torch.allclose(plain(x), expected, atol=1e-6)
+        assert torch.allclose(tuned.model(x), expected)  # still computes its weights
+        assert torch.allclose(tuned.merge()(x), expected, atol=1e-6)
