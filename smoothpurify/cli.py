@@ -24,13 +24,15 @@ def _params(params: Path, profile: Optional[str]) -> dict:
 
 
 @app.command("list")
-def list_plugins() -> None:
-    """Installed modalities with their models and attacks."""
+def list_plugins(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Installed modalities with their models and attacks (plus the variants PARAMS names, if it exists)."""
     from smoothpurify.modality import available_modalities, get_modality
 
+    p = _params(params, profile) if params.is_file() else None
     for name in available_modalities():
         mod = get_modality(name)
-        typer.echo(f"{name}: models {', '.join(mod.model_names())}; attacks {', '.join(mod.attack_names())}")
+        attacks = mod.attack_names(p if p is not None and name in p else None)
+        typer.echo(f"{name}: models {', '.join(mod.model_names())}; attacks {', '.join(attacks)}")
 
 
 @app.command()
