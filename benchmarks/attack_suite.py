@@ -18,40 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_common import link_cache, parse_set  # noqa: E402
+
 ALL = ["badnets", "blend", "trojan", "sig", "clb", "dynamic", "dynamic-all", "wanet", "lira", "issba",
        "bppa", "cba", "fba", "mixture"]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def parse_set(items: list[str]) -> dict[str, dict]:
-    """``name.key=value`` (value parsed as YAML) -> ``{name: {key: value}}``."""
-    out: dict[str, dict] = {}
-    for item in items:
-        lhs, _, value = item.partition("=")
-        name, _, key = lhs.partition(".")
-        if not key:
-            raise SystemExit(f"--set wants name.key=value, got {item!r}")
-        out.setdefault(name, {})[key] = yaml.safe_load(value)
-    return out
-
-
-def link_cache(run_dir: Path) -> None:
-    """Reuse the demo's extracted dataset instead of fetching the Debian package again."""
-    demo, bench = ROOT / "runs" / "image" / "cache", run_dir / "image" / "cache"
-    if demo.is_dir() and not bench.exists():
-        bench.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(demo.resolve(), bench)
 
 
 def goal(clean_label: bool) -> float:

@@ -16,42 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_common import link_cache, parse_set  # noqa: E402
+
 ATTACKS = ["badnets", "blend", "trojan"]
 DEFENSES = ["fp", "nad", "anp", "ibau", "awm", "mcr", "clp"]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def parse_set(items: list[str]) -> dict[str, dict]:
-    """``name.key=value`` (value parsed as YAML; ``a.b.c=v`` sets a nested key) -> options."""
-    out: dict[str, dict] = {}
-    for item in items:
-        lhs, _, value = item.partition("=")
-        name, *keys = lhs.split(".")
-        if not keys:
-            raise SystemExit(f"--set wants name.key=value, got {item!r}")
-        node = out.setdefault(name, {})
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(value)
-    return out
-
-
-def link_cache(run_dir: Path) -> None:
-    """Reuse the demo's extracted dataset instead of extracting it again."""
-    demo, bench = ROOT / "runs" / "image" / "cache", run_dir / "image" / "cache"
-    if demo.is_dir() and not bench.exists():
-        bench.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(demo.resolve(), bench)
 
 
 def to_markdown(store: dict) -> str:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.defenses import register_defense
-from smoothpurify.defenses.common import (Clock, accuracy, check_clean_set, finish, resolve_options,
+from smoothpurify.defenses.common import (Clock, accuracy, check_clean_set, descend, finish, resolve_options,
                                           sample_batch, working_copy)
 from smoothpurify.model import norm_layers
 
@@ -129,11 +129,7 @@ def learn_masks(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood
         loss_rob = likelihood.nll(pert(model, x, True), y).mean() if noise_opt is not None else 0.0
         loss_nat = likelihood.nll(pert(model, x, False), y).mean()
         loss = opts["alpha"] * loss_nat + (1 - opts["alpha"]) * loss_rob
-        if not torch.isfinite(loss):
-            raise SmoothPurifyError(f"defense anp: loss became {float(loss)} at iteration {it}; lower mask_lr")
-        mask_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        mask_opt.step()
+        descend(mask_opt, loss, "anp", f"iteration {it}", "lower mask_lr")
         pert.clip(eps)
     model.eval()
     return pert

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.defenses import register_defense
-from smoothpurify.defenses.common import (Clock, Curves, check_clean_set, finish, resolve_options,
+from smoothpurify.defenses.common import (Clock, Curves, check_clean_set, descend, finish, resolve_options,
                                           sample_batch, steps_per_epoch, working_copy)
 from smoothpurify.model import CONV_TYPES
 from smoothpurify.training import num_samples
@@ -125,11 +125,7 @@ def learn_masks(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood
             loss = (opts["alpha"] * likelihood.nll(masks(model, x), y).mean()
                     + opts["beta"] * likelihood.nll(masks(model, _add(x, delta_star, clip)), y).mean()
                     + opts["gamma"] * masks.l1())
-            if not torch.isfinite(loss):
-                raise SmoothPurifyError(f"defense awm: loss became {float(loss)} at epoch {epoch}; lower eta2")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            descend(opt, loss, "awm", f"epoch {epoch}", "lower eta2")
             masks.clip()
             bar.update(1)
         sched.step()

@@ -83,6 +83,16 @@ def mean_nll(model: nn.Module, likelihood: Any, x: Any, y: torch.Tensor) -> torc
     return likelihood.nll(call_model(model, x), y).mean()
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, defense: str, where: str, hint: str) -> float:
+    """One optimiser step on ``loss``; a non-finite loss stops the defense with one clear line."""
+    if not torch.isfinite(loss):
+        raise SmoothPurifyError(f"defense {defense}: loss became {float(loss)} at {where}; {hint}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 

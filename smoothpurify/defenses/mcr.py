@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.defenses import register_defense
-from smoothpurify.defenses.common import (Clock, Curves, accuracy, batches, check_clean_set, finetune, finish,
-                                          resolve_options, steps_per_epoch, working_copy)
+from smoothpurify.defenses.common import (Clock, Curves, accuracy, batches, check_clean_set, descend,
+                                          finetune, finish, resolve_options, steps_per_epoch, working_copy)
 from smoothpurify.model import call_model
 from smoothpurify.training import num_samples
 
@@ -134,12 +134,7 @@ def train_curve(curve: BezierCurve, inputs: Any, targets: torch.Tensor, likeliho
         for x, y in batches(inputs, targets, opts["batch_size"], gen):
             t = float(torch.rand((), generator=gen))
             loss = likelihood.nll(curve(t, x), y).mean()
-            if not torch.isfinite(loss):
-                raise SmoothPurifyError(f"defense mcr: loss became {float(loss)} at epoch {epoch}; lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(y)
+            total += descend(opt, loss, "mcr", f"epoch {epoch}", "lower lr") * len(y)
             bar.update(1)
         history.append(total / n)
         if curves is not None and curves.evaluate is not None:

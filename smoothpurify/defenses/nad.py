@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.defenses import register_defense
-from smoothpurify.defenses.common import (Clock, Curves, accuracy, batches, check_clean_set, finetune, finish,
-                                          mean_nll, resolve_options, steps_per_epoch, working_copy)
+from smoothpurify.defenses.common import (Clock, Curves, accuracy, batches, check_clean_set, descend,
+                                          finetune, finish, mean_nll, resolve_options, steps_per_epoch,
+                                          working_copy)
 from smoothpurify.model import call_model, feature_stages
 from smoothpurify.training import num_samples
 
@@ -113,13 +114,8 @@ def neural_attention_distillation(model: nn.Module, inputs: Any, targets: torch.
                 at = sum(b * attention_loss(s_tap.out[name], t_tap.out[name], opts["p"])
                          for b, name in zip(betas, layers))
                 loss = ce + at
-                if not torch.isfinite(loss):
-                    raise SmoothPurifyError(f"defense nad: loss became {loss.item()} at epoch {epoch}; "
-                                            f"lower lr (now {opts['lr']}) or the betas")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(y)
+                total += descend(opt, loss, "nad", f"epoch {epoch}",
+                                 f"lower lr (now {opts['lr']}) or the betas") * len(y)
                 bar.update(1)
             history.append(total / n)
             curves(student, epoch, epochs, train_loss=history[-1])

@@ -1,0 +1,32 @@
+"""Helpers the benchmark scripts share: ``--set`` parsing and reuse of the demo's dataset cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_set(items: list[str]) -> dict[str, dict]:
+    """``name.key=value`` (value parsed as YAML; ``a.b.c=v`` sets a nested key) -> options."""
+    out: dict[str, dict] = {}
+    for item in items:
+        lhs, _, value = item.partition("=")
+        name, *keys = lhs.split(".")
+        if not keys:
+            raise SystemExit(f"--set wants name.key=value, got {item!r}")
+        node = out.setdefault(name, {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(value)
+    return out
+
+
+def link_cache(run_dir: Path) -> None:
+    """Reuse the demo's extracted dataset instead of fetching the Debian package again."""
+    demo, bench = ROOT / "runs" / "image" / "cache", run_dir / "image" / "cache"
+    if demo.is_dir() and not bench.exists():
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(demo.resolve(), bench)
