@@ -6,6 +6,7 @@ Runs with no Prefect server (ephemeral mode): ``python -m flows.image --profile 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Any
@@ -75,6 +76,15 @@ def image_flow(profile: str | None = None, params_path: str = "params.yaml", att
     return summary
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Bad input is one ``error:`` line; keep Prefect from adding a SmoothPurifyError's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SmoothPurifyError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.image", description=__doc__)
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: the file's `profile`)")
@@ -86,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     attacks = args.attacks.split(",") if args.attacks else None
     methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     try:
         selection(load_params(args.params, args.profile), attacks, methods)  # one-line errors, before Prefect starts
         image_flow(profile=args.profile, params_path=args.params, attacks=attacks, methods=methods, force=args.force)

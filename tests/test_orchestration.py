@@ -58,6 +58,10 @@ def test_cli_errors_are_one_line(tmp_path):
         out = _run(["-m", "flows.image", "--params", str(bad), flag], ROOT)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown" in out.stderr and "'nosuch'" in out.stderr
     assert not (tmp_path / "image").exists()
+    out = _run(["-m", "flows.image", "--params", str(bad), "--methods=ngf"], ROOT)  # fails inside Prefect's run
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    ours = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [f"error: dataset path not found: {tmp_path / 'nowhere'}"]
     out = _run(["-m", "smoothpurify.cli", "prepare", "--params", str(tmp_path / "none.yaml")], ROOT)
     assert out.returncode == 2 and "parameters file not found" in out.stderr
 
