@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,6 +47,15 @@ def _batches(inputs: Any, targets: torch.Tensor, batch_size: int, order: torch.T
 def _mean_nll(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, bs: int) -> float:
     total = sum(float(likelihood.nll(call_model(model, x), y).sum()) for x, y in _batches(inputs, targets, bs))
     return total / len(targets)
+
+
+def diverged(start: float, end: float) -> bool:
+    """Did tuning blow up the clean validation loss? More than doubled, and by more than 0.5 nats.
+
+    Uses only the defender's clean data. A diverged run can show ASR 0 with a destroyed model, so it
+    must not count as a purification (the report marks it and never calls it best).
+    """
+    return not math.isfinite(end) or (end > 2 * start and end - start > 0.5)
 
 
 def _check_data(targets: torch.Tensor) -> None:
@@ -109,6 +119,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         objective.fisher_diag = fisher_diagonal(work, _batches(work_inputs, targets, 128), likelihood,
                                                 mode=cfg.fisher, generator=gen, params=params)
         objective.anchor = {n: p.detach().clone() for n, p in params.items()}
+    tuned.eval()
+    val_loss_start = _mean_nll(work, work_inputs, targets, likelihood, 512)
     setup_seconds = time.perf_counter() - t0
 
     opt = _make_optimizer(cfg, params)
@@ -162,8 +174,13 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         "tuned_parameters": int(sum(p.numel() for p in params.values())),
         "seconds": {"setup": round(setup_seconds, 3), "tuning": round(tuning_seconds, 3),
                     "total": round(setup_seconds + tuning_seconds, 3)},
-        "val_loss": val_loss, "last_step": parts,
+        "val_loss_start": val_loss_start, "val_loss": val_loss, "last_step": parts,
+        "diverged": diverged(val_loss_start, val_loss[-1]),
     }
+    if record["diverged"]:
+        warnings.warn(f"{cfg.name}: the clean validation loss rose from {val_loss_start:.3g} to {val_loss[-1]:.3g}; "
+                      f"the tuning diverged (lower lr, now {cfg.lr}, or trace_weight, now {cfg.trace_weight})",
+                      RuntimeWarning, stacklevel=2)
     if curves:
         record["curves"] = curves
     if evaluate is not None:

@@ -67,12 +67,13 @@ def _fmt(value: Any) -> str:
 
 def _mark_best(group: list[dict[str, Any]]) -> None:
     for key, pick in BEST.items():
-        values = [r[key] for r in group if not r.get("reference") and r.get(key) is not None]
+        contenders = [r for r in group if not r.get("reference") and not r.get("diverged")]
+        values = [r[key] for r in contenders if r.get(key) is not None]
         # A lone method is not "best" at anything, and nor is anyone in a column where all tie.
         if len(values) > 1 and len(set(values)) > 1:
             best = pick(values)
-            for r in group:
-                if not r.get("reference") and r.get(key) == best:
+            for r in contenders:
+                if r.get(key) == best:
                     r["best"].append(key)
 
 
@@ -81,7 +82,8 @@ def method_rows(modality: str, params: dict[str, Any], attacks: list[str], metho
     """Per attack: the undefended reference row, then one row per purified method.
 
     Keys: attack, method, asr, acc, ra (percent), setup_s, tuning_s, seconds (total), best (the keys that are best
-    within the attack: lowest ASR, highest ACC and RA, lowest seconds; ties all marked), reference.
+    within the attack: lowest ASR, highest ACC and RA, lowest seconds; ties all marked; never a diverged run),
+    reference, diverged (the clean validation loss blew up: method shown as "<name> (diverged)").
     With ``mark_best`` the numbers become strings and the best ones rich markup (bold green, *),
     ready for ``smoothpurify.report.print_table(rows, title, METHOD_COLUMNS)``.
     """
@@ -99,9 +101,11 @@ def method_rows(modality: str, params: dict[str, Any], attacks: list[str], metho
                           "setup_s": None, "tuning_s": None, "seconds": None, "best": [], "reference": True})
         for method, rec in records:
             after = rec.get("after") or {}
-            group.append({"attack": attack, "method": method, **{k: _pct(after.get(k)) for k in ("asr", "acc", "ra")},
+            group.append({"attack": attack, "method": f"{method} (diverged)" if rec.get("diverged") else method,
+                          **{k: _pct(after.get(k)) for k in ("asr", "acc", "ra")},
                           "setup_s": _seconds(rec, "setup"), "tuning_s": _seconds(rec, "tuning"),
-                          "seconds": _seconds(rec), "best": [], "reference": False})
+                          "seconds": _seconds(rec), "best": [], "reference": False,
+                          "diverged": bool(rec.get("diverged"))})
         _mark_best(group)
         rows += group
     if not mark_best:

@@ -9,7 +9,7 @@ from torch import nn
 from smoothpurify import SmoothPurifyError, pipeline
 from smoothpurify.likelihood import Categorical
 from smoothpurify.methods import PRESETS, method_config
-from smoothpurify.purify import purify
+from smoothpurify.purify import diverged, purify
 
 
 class TinyCNN(nn.Module):
@@ -94,6 +94,19 @@ def test_divergence_guard_and_bad_data():
         purify(model, x, torch.zeros_like(y), Categorical(), method_config("ft", {"epochs": 1}), progress=False)
     with pytest.raises(SmoothPurifyError, match="unknown purification method"):
         method_config("sft2")
+
+
+def test_a_blown_up_clean_loss_is_flagged_as_diverged():
+    """ASR 0 from a destroyed model is not a purification: the record and a warning must say so."""
+    assert diverged(0.4, 2.3) and diverged(0.4, float("nan")) and not diverged(0.4, 0.7) and not diverged(0.1, 0.3)
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    calm = purify(model, x, y, Categorical(), method_config("ft", {"epochs": 5, "batch_size": 16}), progress=False)
+    assert not calm.record["diverged"] and calm.record["val_loss"][-1] < calm.record["val_loss_start"]
+    with pytest.warns(RuntimeWarning, match="ft: the clean validation loss rose"):
+        wild = purify(model, x, y, Categorical(), method_config("ft", {"epochs": 5, "batch_size": 16, "lr": 3.0}),
+                      progress=False)
+    assert wild.record["diverged"]
 
 
 class TokenTagger(nn.Module):

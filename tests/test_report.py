@@ -189,6 +189,16 @@ def test_method_rows_mark_the_best_per_column(tmp_path):
     assert lone[1]["best"] == []  # a lone method is not "best" at anything
 
 
+def test_a_diverged_run_is_labelled_and_never_best(tmp_path):
+    params = _fake_run(tmp_path, {"ft": (0.50, 0.90, 0.40, 3.0), "sft": (0.0, 0.10, 0.11, 9.0),
+                                  "ngf": (0.30, 0.86, 0.60, 0.5)})
+    path = Path(params["run_dir"]) / "image" / "metrics" / "purify" / "badnets-sft.json"
+    write_json(path, {**json.loads(path.read_text()), "diverged": True})
+    rows = method_rows("image", params, ["badnets"], ["ft", "sft", "ngf"])
+    assert [r["method"] for r in rows] == [REFERENCE, "ft", "sft (diverged)", "ngf"]
+    assert rows[2]["best"] == [] and "asr" in rows[3]["best"]  # ASR 0 of a destroyed model is not best
+
+
 def test_report_without_results_still_renders(tmp_path):
     params = {"run_dir": str(tmp_path / "runs"), "profile": "smoke"}
     md, page = write_report("image", params, ["badnets"], ["sft"])
