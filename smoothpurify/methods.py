@@ -41,6 +41,9 @@ class MethodConfig(BaseModel):
     batch_size: Optional[int] = Field(128, ge=1)  # None: the whole validation set each step
     lr_step: Optional[int] = Field(40, ge=1)     # decay the lr by lr_gamma every lr_step epochs
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    # Not in the papers (default off): clip each step's gradient norm. SFT's trace term can blow up
+    # (README, "What we measured"); clipping bounds its kick.
+    max_grad_norm: Optional[float] = Field(None, gt=0)
 
 
 _SFT = dict(trace_weight=1e-3, trace_every=10, anchor_weight=5.0, optimizer="sgd", lr=0.01,

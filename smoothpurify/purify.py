@@ -146,6 +146,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                     raise SmoothPurifyError(f"{cfg.name}: loss became {loss.item()} at epoch {epoch}, step {step}; "
                                             f"lower the learning rate (now {cfg.lr})")
                 loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
                 return loss
 
             if cfg.optimizer == "sam":

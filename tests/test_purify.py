@@ -109,6 +109,21 @@ def test_a_blown_up_clean_loss_is_flagged_as_diverged():
     assert wild.record["diverged"]
 
 
+def test_max_grad_norm_bounds_every_step():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for clip, bound in ((None, None), (0.01, 0.01)):
+        cfg = method_config("ft", {"epochs": 1, "batch_size": None, "lr": 1.0, "momentum": 0.0,
+                                   "weight_decay": 0.0, "lr_step": None, "max_grad_norm": clip})
+        result = purify(model, x, y, Categorical(), cfg, progress=False)
+        moved = (torch.cat([p.detach().flatten() for p in result.model.parameters()]) - start).norm()
+        if bound is None:
+            assert moved > 0.1  # one plain step of lr 1 goes far on this model
+        else:
+            assert 0 < moved <= bound * 1.0001  # one step: lr x clipped gradient
+
+
 class TokenTagger(nn.Module):
     """A 1-D sequence model: per-token classes from an embedding + 1-D conv (tuple input: tokens, mask)."""
 
