@@ -85,12 +85,9 @@ def recognised_asr(run_dir: Path, name: str) -> float | None:
     if type(attack).poisoned_test_set is not Attack.poisoned_test_set:
         return None
     model, _ = mod.load_model(root / "models" / name)
-    x, y = mod.load_split(root / "data", "test")
-    targets = attack.target_of(y)
-    keep = targets != y
-    x, y, targets = x[keep], y[keep], targets[keep]
-    recognised = predict(model, x) == y
-    poisoned = torch.cat([attack.apply(chunk) for chunk in x.split(1024)])
+    # The same poisoned inputs the evaluate stage scores; the clean ones kept alongside them.
+    (x, y), (poisoned, true, targets) = mod.poisoned_test(root / "data", attack)
+    recognised = predict(model, x[attack.target_of(y) != y]) == true
     return float((predict(model, poisoned) == targets)[recognised].float().mean())
 
 
