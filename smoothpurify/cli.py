@@ -91,7 +91,9 @@ def purify(
     num_classes: int = typer.Option(..., help="number of classes the model outputs"),
     clean_data: Path = typer.Option(..., help="clean data: image folder (one subfolder per class), CIFAR layout, "
                                               "or .npz with x (uint8 NxCxHxW) and y"),
-    method: str = typer.Option("fsft", help="sft | fsft | ngf | ft | ft-sam | ablations | baseline defenses"),
+    method: str = typer.Option("recommended", help="recommended (the default: one setting for all attacks, "
+                               "chosen from the benchmark matrix) | fst | ft-init | ft | ft-sam | ft-sam-sft | sft | "
+                               "sft-authors | fsft | ngf | ablations | fp nad anp ibau awm mcr clp"),
     out: Path = typer.Option(Path("purified.safetensors"), help="where to write the purified checkpoint"),
     classifier: Optional[str] = typer.Option(None, help="name of the classifier layer (default: the last Linear)"),
     normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects (default: "
@@ -107,7 +109,7 @@ def purify(
     seed: int = typer.Option(0),
 ) -> None:
     """Purify your own checkpoint on a little clean data; report ACC/ASR/RA before and after."""
-    from smoothpurify.methods import PRESETS, make_runner
+    from smoothpurify.methods import PRESETS, RECOMMENDED_FROM, make_runner
     from smoothpurify.own_checkpoint import purify_checkpoint
     from smoothpurify.report import print_table
 
@@ -125,8 +127,15 @@ def purify(
                                method_runner=runner, out=out, classifier=classifier, test=test, poisoned=poisoned,
                                target_label=target_label, seed=seed, device=device)
     rows = [{"model": when, **{k: round(100 * v, 2) for k, v in record[when].items()}} for when in ("before", "after")]
+    label = f"{method} (= {RECOMMENDED_FROM} settings)" if method == "recommended" else method
+    if record.get("diverged"):
+        typer.echo(f"warning: {label} {record.get('diverged_reason', 'diverged')}; the output is not a purified model",
+                   err=True)
     if rows[0].keys() != {"model"}:
-        print_table(rows, f"{method}: {record['seconds']['total']:.1f} s (setup {record['seconds']['setup']:.1f} s)")
+        print_table(rows, f"{label}: {record['seconds']['total']:.1f} s (setup {record['seconds']['setup']:.1f} s)")
+    else:
+        typer.echo(f"{label}: {record['seconds']['total']:.1f} s; clean validation accuracy "
+                   f"{record['val_acc_start']:.1%} -> {record['val_acc_end']:.1%} (no test data given: no ASR)")
     typer.echo(f"purified checkpoint: {out} (record: {out.with_suffix('.record.json')})")
 
 

@@ -73,6 +73,40 @@ def independent_samples(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, inputs: Any) -> Iterator[None]:
+    """Batch-norm layers that are training normalise with THIS batch's statistics, held fixed.
+
+    The tuning loop trains in train mode, where batch norm normalises with batch statistics; the
+    per-sample Fisher terms run in eval mode (:func:`independent_samples`), which would otherwise
+    use the running statistics. Those lag behind the weights: a Tr(F) step that rescales a
+    convolution leaves the train-mode network as it was but breaks the eval-mode one until the
+    running statistics catch up, and the next Tr(F), measured on that broken network, is orders of
+    magnitude larger (the SFT divergence, README). Inside this context the running statistics are
+    this batch's (one forward without gradient), so Tr(F) is measured on the network the NLL
+    trains, with samples still independent; the running statistics are restored on exit.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.running_mean is not None]
+    if not norms:
+        yield
+        return
+    # Fresh tensors, not in-place copies: the Tr(F) graph keeps the statistics it normalised with.
+    saved = [(m.running_mean, m.running_var, m.momentum, m.num_batches_tracked) for m in norms]
+    try:
+        for m in norms:
+            m.running_mean, m.running_var = m.running_mean.clone(), m.running_var.clone()
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked = m.num_batches_tracked.clone()
+            m.momentum = 1.0  # running statistics := this batch's
+        with torch.no_grad():
+            call_model(model, inputs)
+        yield
+    finally:
+        for m, (mean, var, momentum, tracked) in zip(norms, saved):
+            m.running_mean, m.running_var, m.momentum, m.num_batches_tracked = mean, var, momentum, tracked
+
+
 def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 

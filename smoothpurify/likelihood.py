@@ -39,6 +39,15 @@ class Categorical:
             picked = picked * (targets != self.ignore_index)
         return -picked.reshape(picked.shape[0], -1).sum(dim=1)
 
+    def smoothed_nll(self, outputs: torch.Tensor, targets: torch.Tensor, eps: float) -> torch.Tensor:
+        """Cross-entropy against ``(1 - eps) * onehot(y) + eps / C`` (label smoothing, Szegedy et al.
+        2016), per sample; a training loss, never the likelihood of the Fisher terms."""
+        logp = F.log_softmax(outputs, dim=-1)
+        uniform = -logp.mean(-1)
+        if self.ignore_index is not None:
+            uniform = uniform * (targets != self.ignore_index)
+        return (1 - eps) * self.nll(outputs, targets) + eps * uniform.reshape(uniform.shape[0], -1).sum(dim=1)
+
     def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = F.softmax(outputs.detach(), dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
@@ -51,6 +60,10 @@ class Bernoulli:
     def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_unit = F.binary_cross_entropy_with_logits(outputs, targets.to(outputs.dtype), reduction="none")
         return per_unit.reshape(per_unit.shape[0], -1).sum(dim=1)
+
+    def smoothed_nll(self, outputs: torch.Tensor, targets: torch.Tensor, eps: float) -> torch.Tensor:
+        """Binary cross-entropy against targets pulled towards 1/2 by ``eps`` (label smoothing)."""
+        return self.nll(outputs, targets.to(outputs.dtype) * (1 - eps) + eps / 2)
 
     def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = torch.sigmoid(outputs.detach())

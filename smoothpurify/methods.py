@@ -8,6 +8,7 @@ overridden from params.yaml (``purify.overrides.<method>``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,48 +25,78 @@ class MethodConfig(BaseModel):
     tune_bias: bool = False
     tune_norm: bool = False
     cache_features: bool = True          # last_layer: compute backbone features once
+    reinit_classifier: bool = False      # FT-init / FST: start from a freshly initialised classifier
     # objective: NLL + trace_weight * Tr(F) (every trace_every steps) + anchor_weight / 2 * L_r
+    #            + feature_shift_weight * <W_c, W_c_orig>  (FST, Min et al. 2023)
     trace_weight: float = Field(0.0, ge=0)       # eta_F
     trace_every: int = Field(10, ge=1)
+    trace_batch: Optional[int] = Field(None, ge=1)  # Tr(F) on the first samples of the batch (None: all)
     fast_trace: bool = True                      # spectral: ghost-norm trace (same value as vmap)
+    trace_step_bound: bool = True                # trace gradient never longer than the NLL's (README)
     anchor_weight: float = Field(0.0, ge=0)      # eta_r
     fisher: Literal["empirical", "true"] = "empirical"
+    feature_shift_weight: float = Field(0.0, ge=0)  # FST's alpha
+    project_classifier_norm: bool = False        # FST: ||W_c|| kept at the original's after each step
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # data during tuning: the modality's training-time augmentation (ignored on cached features)
+    augment: bool = False
+    bn_mode: Literal["train", "eval"] = "train"  # batch norm while tuning: batch statistics or frozen
     # optimizer and schedule
     optimizer: Literal["sgd", "adam", "sam", "natural_gradient"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     sam_rho: float = Field(0.05, gt=0)
+    sam_adaptive: bool = False                   # ASAM (Kwon et al. 2021)
     damping: float = Field(1e-3, gt=0)
     epochs: int = Field(100, ge=1)
+    iterations: Optional[int] = Field(None, ge=1)  # set: this many steps on batches drawn with replacement
     batch_size: Optional[int] = Field(128, ge=1)  # None: the whole validation set each step
     lr_step: Optional[int] = Field(40, ge=1)     # decay the lr by lr_gamma every lr_step epochs
     lr_gamma: float = Field(0.1, gt=0, le=1)
-    # Not in the papers (default off): clip each step's gradient norm. SFT's trace term can blow up
-    # (README, "What we measured"); clipping bounds its kick.
+    # Not in the papers (default off): clip each step's gradient norm.
     max_grad_norm: Optional[float] = Field(None, gt=0)
 
 
 _SFT = dict(trace_weight=1e-3, trace_every=10, anchor_weight=5.0, optimizer="sgd", lr=0.01,
-            epochs=100, lr_step=40, lr_gamma=0.1)
+            epochs=100, lr_step=40, lr_gamma=0.1, augment=True)
 # NGF Algorithm 1: full-batch iterations, the Fisher of the whole validation set at each one (a
 # mini-batch empirical Fisher of rank B < #parameters makes the damped solve overshoot).
 _NGF = dict(parametrization="last_layer", anchor_weight=0.1, optimizer="natural_gradient", lr=0.01,
             momentum=0.0, epochs=100, lr_step=None, batch_size=None)
+_FT = dict(parametrization="full", optimizer="sgd", lr=0.01, epochs=100, lr_step=40, weight_decay=5e-4,
+           augment=True)
+# FST (Min et al., NeurIPS 2023): fresh classifier, CE + alpha <W_c, W_c^orig>, ||W_c|| projected
+# back to the original's after each step; lr 0.01, alpha 0.2 (their CIFAR-10 setting).
+_FST = dict(_FT, reinit_classifier=True, feature_shift_weight=0.2, project_classifier_norm=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "ft": dict(parametrization="full", optimizer="sgd", lr=0.01, epochs=100, lr_step=40, weight_decay=5e-4),
-    "ft-sam": dict(parametrization="full", optimizer="sam", lr=0.01, epochs=100, lr_step=40, weight_decay=1e-4,
-                   sam_rho=0.05),
+    "ft": dict(_FT),
+    # FT-SAM as Zhu et al. (ICCV 2023) define it: adaptive SAM, rho 2, label smoothing 0.1.
+    "ft-sam": dict(_FT, optimizer="sam", sam_adaptive=True, sam_rho=2.0, label_smoothing=0.1),
     "sft": dict(parametrization="full", **_SFT),
     "fsft": dict(parametrization="spectral", **_SFT),
     "ngf": dict(_NGF),
+    "ft-init": dict(_FT, reinit_classifier=True),
+    "fst": dict(_FST),
     # ablations (SFT Table 6, NGF Tables I, V, VI): one term or one choice switched
     "fsft-no-trace": dict(parametrization="spectral", **{**_SFT, "trace_weight": 0.0}),
     "fsft-no-anchor": dict(parametrization="spectral", **{**_SFT, "anchor_weight": 0.0}),
     "ngf-no-anchor": dict(_NGF, anchor_weight=0.0),
     "last-layer-sgd": dict(_NGF, optimizer="sgd", momentum=0.9, batch_size=128),
+    # FT-SAM as the SFT paper reads it: plain SAM (Foret et al. 2021), rho 0.05.
+    "ft-sam-sft": dict(_FT, optimizer="sam", sam_rho=0.05, weight_decay=1e-4),
+    # The SFT authors' published recipe: SGD lr 0.005, momentum 0.95, 2,000 iterations of batches of 128
+    # drawn with replacement, augmentation, batch norm in train mode, no anchor; the trace term is the
+    # paper's exact Tr(F) (their code's random projection has expectation zero).
+    "sft-authors": dict(parametrization="full", optimizer="sgd", lr=0.005, momentum=0.95, iterations=2000,
+                        batch_size=128, lr_step=None, augment=True, bn_mode="train", trace_weight=1e-3,
+                        trace_every=10, anchor_weight=0.0),
 }
+# `recommended`: ONE setting for every attack and model, chosen once from the purification matrix
+# (benchmarks/results/purification_matrix.md; README, "How recommended was chosen"), never per attack.
+RECOMMENDED_FROM = "fst"
+PRESETS["recommended"] = dict(PRESETS[RECOMMENDED_FROM])
 
 
 def method_names() -> list[str]:
@@ -89,16 +120,21 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None):
     ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way; ``kw`` are
     the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...).
     """
-    if method in PRESETS:
-        from smoothpurify.purify import purify  # noqa: PLC0415 - purify imports this module
+    from smoothpurify.purify import guarded, purify  # noqa: PLC0415 - purify imports this module
 
+    if method in PRESETS:
         cfg = method_config(method, overrides)
-        return cfg.model_dump(), lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg, **kw)
+        return cfg.model_dump(), guarded(lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg, **kw))
     from smoothpurify.defenses import defense_names, get_defense  # noqa: PLC0415
 
     if method not in defense_names():
         raise SmoothPurifyError(f"unknown purification method {method!r}; choose one of: "
                                 f"{', '.join(list(PRESETS) + defense_names())}")
     defense, options = get_defense(method), dict(overrides or {})
-    return {"defense": method, **options}, lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
-                                                                                         options, **kw)
+    takes_augment = "augment" in inspect.signature(defense).parameters
+
+    def run(model, x, y, likelihood, **kw):
+        if not takes_augment:
+            kw.pop("augment", None)  # this defense does not fine-tune on the clean data
+        return defense(model, x, y, likelihood, options, **kw)
+    return {"defense": method, **options}, guarded(run)

@@ -1,7 +1,14 @@
-"""Backdoor metrics as plain functions of predictions (any modality with class predictions)."""
+"""Backdoor metrics as plain functions of predictions (any modality with class predictions), and the
+clean accuracy of a model on the defender's validation set."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
+
+from smoothpurify.model import call_model
+from smoothpurify.training import index_inputs, num_samples
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
@@ -29,3 +36,25 @@ def backdoor_metrics(clean_pred, clean_labels, poison_pred, poison_true, poison_
         "asr": attack_success_rate(poison_pred, poison_target),
         "ra": robust_accuracy(poison_pred, poison_true),
     }
+
+
+def correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample correctness in [0, 1] for the likelihoods of the core: class indices (argmax,
+    averaged over tokens when outputs are ``[B, T, C]``) or multi-label 0/1 targets (threshold 0)."""
+    if targets.is_floating_point() and targets.shape == outputs.shape:
+        hits = ((outputs > 0).to(targets.dtype) == targets).float()
+    else:
+        hits = (outputs.argmax(-1) == targets).float()
+    return hits.reshape(len(hits), -1).mean(1)
+
+
+@torch.no_grad()
+def model_accuracy(model: nn.Module, inputs: Any, targets: torch.Tensor, batch_size: int = 512) -> float:
+    """Clean accuracy of ``model`` (eval mode, restored after) on ``inputs, targets``."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for idx in torch.arange(num_samples(inputs), device=targets.device).split(batch_size):
+        total += float(correct(call_model(model, index_inputs(inputs, idx)), targets[idx]).sum())
+    model.train(was_training)
+    return total / len(targets)

@@ -43,6 +43,10 @@ class Modality(Protocol):
     def attack_names(self, params: dict[str, Any] | None = None) -> list[str]:
         """Registered attacks, plus the variants ``params`` names (settings of registered ones)."""
 
+    def augment(self, inputs: Any, generator: torch.Generator) -> Any:
+        """The training-time augmentation, applied to clean batches during purification (methods with
+        ``augment: true``); return ``inputs`` unchanged where the modality has none."""
+
 
 _REGISTRY: dict[str, Any] = {}
 

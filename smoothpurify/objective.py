@@ -7,6 +7,15 @@ SFT paper Eq. 6 (full) and Eq. 7 (spectral shifts); NGF uses NLL + the anchor on
   mini-batch, differentiable; added every ``trace_every`` steps (SFT A.5.2: 10).
 * ``L_r = sum_i diag(Fbar)_i (theta_i - thetabar_i)^2`` with ``Fbar`` the Fisher diagonal at the
   start point on the clean validation set (computed once, fixed) and ``thetabar`` the start values.
+* With ``trace_step_bound`` the trace term's weight is scaled down, on the steps that compute it, so
+  that its gradient is no longer than the NLL's (``min(1, ||dNLL|| / ||eta_F dTr(F)||)``): the exact
+  Tr(F) of a backdoored model has a gradient ~20x the NLL's at eta_F = 1e-3, and an SGD step along
+  it overshoots (README, "SFT that does not diverge").
+* ``<W_c, W_c^orig>``: FST's feature-shift term (Min et al., NeurIPS 2023, Eq. 3): the inner product
+  of the (re-initialised) classifier weight with the backdoored model's, minimised so that the new
+  classifier, and through it the features, move away from the backdoored ones.
+* Label smoothing (``label_smoothing > 0``) replaces the NLL by the likelihood's smoothed loss; the
+  Fisher terms always use the true likelihood.
 """
 from __future__ import annotations
 
@@ -16,8 +25,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from smoothpurify.fisher import batch_statistics
 from smoothpurify.likelihood import Likelihood
 from smoothpurify.model import call_model
+from smoothpurify.training import index_inputs
 
 TraceFn = Callable[..., torch.Tensor]
 
@@ -25,7 +36,7 @@ TraceFn = Callable[..., torch.Tensor]
 def anchor_penalty(params: dict[str, torch.Tensor], fisher_diag: dict[str, torch.Tensor],
                    anchor: dict[str, torch.Tensor]) -> torch.Tensor:
     """``L_r``: Fisher-weighted squared distance of the tuned parameters from their start values."""
-    terms = [(fisher_diag[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items()]
+    terms = [(fisher_diag[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items() if n in anchor]
     return torch.stack(terms).sum()
 
 
@@ -34,22 +45,52 @@ class Objective:
     likelihood: Likelihood
     trace_weight: float = 0.0
     trace_every: int = 10
+    trace_batch: int | None = None
+    trace_step_bound: bool = False
     trace_fn: TraceFn | None = None
     anchor_weight: float = 0.0
     fisher_diag: dict[str, torch.Tensor] = field(default_factory=dict)
     anchor: dict[str, torch.Tensor] = field(default_factory=dict)
+    label_smoothing: float = 0.0
+    shift_weight: float = 0.0
+    shift_reference: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned name -> W_c^orig
+
+    @staticmethod
+    def _trace_scale(nll: torch.Tensor, term: torch.Tensor, params: dict[str, torch.Tensor]) -> float:
+        """``min(1, ||grad NLL|| / ||grad eta_F Tr(F)||)``: the factor that keeps the trace term's
+        gradient no longer than the NLL's on this batch (its direction is unchanged)."""
+        tensors = list(params.values())
+        g_nll = torch.autograd.grad(nll, tensors, retain_graph=True, allow_unused=True)
+        g_term = torch.autograd.grad(term, tensors, retain_graph=True, allow_unused=True)
+        norm = lambda gs: float(torch.sqrt(sum((g.detach() ** 2).sum() for g in gs if g is not None)))  # noqa: E731
+        n_term = norm(g_term)
+        return 1.0 if n_term == 0 else min(1.0, norm(g_nll) / n_term)
 
     def __call__(self, model: nn.Module, params: dict[str, torch.Tensor], inputs: Any,
                  targets: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss for this step, and its parts (floats) for the record."""
-        nll = self.likelihood.nll(call_model(model, inputs), targets).mean()
+        outputs = call_model(model, inputs)
+        nll = (self.likelihood.smoothed_nll(outputs, targets, self.label_smoothing) if self.label_smoothing
+               else self.likelihood.nll(outputs, targets)).mean()
         total, parts = nll, {"nll": float(nll.detach())}
         if self.trace_weight > 0 and step % self.trace_every == 0:
-            trace = self.trace_fn(model, inputs, targets, self.likelihood, params)
-            total = total + self.trace_weight * trace
+            x_tr, y_tr = inputs, targets
+            if self.trace_batch is not None and len(targets) > self.trace_batch:
+                x_tr, y_tr = index_inputs(inputs, torch.arange(self.trace_batch)), targets[:self.trace_batch]
+            with batch_statistics(model, x_tr):
+                trace = self.trace_fn(model, x_tr, y_tr, self.likelihood, params)
+            weight = self.trace_weight
+            if self.trace_step_bound:
+                weight = weight * self._trace_scale(nll, weight * trace, params)
+                parts["trace_scale"] = weight / self.trace_weight
+            total = total + weight * trace
             parts["trace_f"] = float(trace.detach())
         if self.anchor_weight > 0:
             penalty = anchor_penalty(params, self.fisher_diag, self.anchor)
             total = total + 0.5 * self.anchor_weight * penalty
             parts["anchor"] = float(penalty.detach())
+        if self.shift_weight > 0:
+            shift = torch.stack([(params[n] * ref).sum() for n, ref in self.shift_reference.items()]).sum()
+            total = total + self.shift_weight * shift
+            parts["shift"] = float(shift.detach())
         return total, parts

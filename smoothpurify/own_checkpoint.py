@@ -113,7 +113,8 @@ def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_c
     model.to(device)
     before = backdoor_report(model, test, poisoned, target_label, device)
     t0 = time.perf_counter()
-    result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device, progress=progress)
+    result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device, progress=progress,
+                           augment=mod.augment)
     after = backdoor_report(result.model, test, poisoned, target_label, device)
     record = {"checkpoint": str(checkpoint), "model": model_spec, "classifier": head, "num_classes": num_classes,
               "clean_samples": int(len(y)), "before": before, "after": after,

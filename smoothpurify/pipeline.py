@@ -160,7 +160,8 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     evaluate_curve = (with_lambda_max(evaluate_on_test, modality, params, attack, mod.likelihood)
                       if curve_every else evaluate_on_test)
     result = run_method(model, x, y, mod.likelihood, seed=int(params.get("seed", 0)), device=device,
-                        evaluate=evaluate_curve, eval_every=curve_every or None, progress=progress)
+                        evaluate=evaluate_curve, eval_every=curve_every or None, progress=progress,
+                        augment=mod.augment)
     save_checkpoint(out / "model.safetensors", result.model.cpu(),
                     {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
                      "purify_config": settings})

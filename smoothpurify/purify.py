@@ -21,14 +21,16 @@ from tqdm.auto import tqdm
 from smoothpurify import SmoothPurifyError
 from smoothpurify.fisher import fisher_diagonal, fisher_trace, per_sample_grads, spectral_fisher_trace
 from smoothpurify.likelihood import Likelihood
+from smoothpurify.metrics import model_accuracy
 from smoothpurify.methods import MethodConfig
-from smoothpurify.model import call_model, penultimate_features
+from smoothpurify.model import call_model, classifier_name, penultimate_features
 from smoothpurify.objective import Objective
 from smoothpurify.optim import NaturalGradient, make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
+Augment = Callable[[Any, torch.Generator], Any]
 
 
 @dataclass
@@ -58,6 +60,43 @@ def diverged(start: float, end: float) -> bool:
     return not math.isfinite(end) or (end > 2 * start and end - start > 0.5)
 
 
+# A defense that leaves the model this much less accurate on the defender's own clean data has
+# destroyed it (I-BAU at its paper options: clean ACC 94 % -> 13 %), whatever its ASR.
+MAX_CLEAN_ACC_DROP = 0.2
+
+
+def collapsed(acc_start: float, acc_end: float) -> bool:
+    """Did the defense destroy clean accuracy? More than 20 points lost on the clean validation set."""
+    return not math.isfinite(acc_end) or acc_end < acc_start - MAX_CLEAN_ACC_DROP
+
+
+def guarded(run: Callable[..., PurifyResult]) -> Callable[..., PurifyResult]:
+    """Wrap a method's ``run(model, x, y, likelihood, **kw)`` so that every result, tuning loop or
+    baseline defense, records clean validation accuracy before and after and is flagged ``diverged``
+    when its validation loss blew up or its clean accuracy collapsed (:func:`collapsed`)."""
+    def run_guarded(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood,
+                    **kw: Any) -> PurifyResult:
+        device = kw.get("device", "cpu")
+        x, y = to_device(inputs, device), targets.to(device)
+        acc_start = model_accuracy(model.to(device), x, y)
+        result = run(model, inputs, targets, likelihood, **kw)
+        acc_end = model_accuracy(result.model.to(device), x, y)
+        result.model.cpu()
+        rec = result.record
+        rec["val_acc_start"], rec["val_acc_end"] = acc_start, acc_end
+        if collapsed(acc_start, acc_end):
+            rec["diverged"] = True
+            rec["diverged_reason"] = "clean validation accuracy collapsed"
+            warnings.warn(f"{rec.get('method')}: clean validation accuracy fell from {acc_start:.1%} to "
+                          f"{acc_end:.1%}; the model is destroyed, not purified", RuntimeWarning, stacklevel=2)
+        elif rec.get("diverged"):
+            rec["diverged_reason"] = "clean validation loss blew up"
+        else:
+            rec["diverged"] = False
+        return result
+    return run_guarded
+
+
 def _check_data(targets: torch.Tensor) -> None:
     if len(targets) == 0:
         raise SmoothPurifyError("the clean validation set is empty")
@@ -73,7 +112,7 @@ def _make_optimizer(cfg: MethodConfig, params: dict[str, torch.Tensor]) -> torch
         return make_optimizer("adam", values, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sam":
         return make_optimizer("sam", values, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              rho=cfg.sam_rho)
+                              rho=cfg.sam_rho, adaptive=cfg.sam_adaptive)
     return make_optimizer("natural_gradient", values, lr=cfg.lr, damping=cfg.damping, momentum=cfg.momentum)
 
 
@@ -91,19 +130,60 @@ def _update_curvature(opt: NaturalGradient, model: nn.Module, params: dict[str, 
     opt.update_kfac(x.reshape(len(y), -1), g, has_bias=model.bias is not None)
 
 
+def _epochs(cfg: MethodConfig, n: int, batch_size: int, gen: torch.Generator):
+    """Each epoch's batch indices: a shuffled pass over the data, or, with ``iterations``, batches
+    drawn with replacement (ceil(n / batch_size) per epoch, the last epoch cut at ``iterations``)."""
+    if cfg.iterations is None:
+        for _ in range(cfg.epochs):
+            yield torch.randperm(n, generator=gen).split(batch_size)
+        return
+    per_epoch, left = math.ceil(n / batch_size), cfg.iterations
+    while left > 0:
+        k = min(per_epoch, left)
+        left -= k
+        yield [torch.randint(n, (batch_size,), generator=gen) for _ in range(k)]
+
+
+def _reinit_classifier(module: nn.Module, seed: int) -> None:
+    """A fresh classifier (FT-init, FST): the layer's own initialisation under a fixed seed."""
+    if not hasattr(module, "reset_parameters"):
+        raise SmoothPurifyError(f"reinit_classifier: the classifier ({type(module).__name__}) cannot be "
+                                "re-initialised (no reset_parameters)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module.reset_parameters()
+
+
+def _freeze_batch_norm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, config: MethodConfig,
            *, classifier: str | None = None, seed: int = 0, device: str = "cpu", evaluate: Evaluate | None = None,
-           eval_every: int | None = None, progress: bool = True) -> PurifyResult:
-    """Purify a copy of ``model`` with ``config``; ``inputs, targets`` is the clean validation set."""
+           eval_every: int | None = None, progress: bool = True, augment: Augment | None = None) -> PurifyResult:
+    """Purify a copy of ``model`` with ``config``; ``inputs, targets`` is the clean validation set.
+
+    ``augment(x, generator)`` is the modality's training-time augmentation, applied to each batch
+    when ``config.augment`` (not on cached features: they are the backbone's outputs).
+    """
     cfg = config
     _check_data(targets)
     batch_size = cfg.batch_size or len(targets)
     t0 = time.perf_counter()
+    uses_head = cfg.reinit_classifier or cfg.feature_shift_weight > 0 or cfg.project_classifier_norm
+    if uses_head and cfg.parametrization == "spectral":
+        raise SmoothPurifyError(f"{cfg.name}: reinit_classifier / feature_shift_weight / project_classifier_norm "
+                                "need the classifier's weight itself (parametrization full or last_layer)")
     tuned = prepare(model.to(device), cfg.parametrization, classifier=classifier, tune_bias=cfg.tune_bias,
                     tune_norm=cfg.tune_norm)
+    head = tuned.model.get_submodule(classifier_name(tuned.model, classifier)) if uses_head else None
+    head_orig = head.weight.detach().clone() if head is not None else None
     inputs, targets = to_device(inputs, device), targets.to(device)
     work, work_inputs = tuned.model, inputs
-    if cfg.parametrization == "last_layer" and cfg.cache_features:
+    cached = cfg.parametrization == "last_layer" and cfg.cache_features
+    if cached:
         # The backbone is frozen and in eval mode: its features never change, compute them once.
         tuned.eval()
         work = tuned.model.get_submodule(tuned.classifier)
@@ -112,13 +192,24 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     params = {n: p for n, p in work.named_parameters() if p.requires_grad}
     gen = torch.Generator().manual_seed(seed)
     objective = Objective(likelihood, trace_weight=cfg.trace_weight, trace_every=cfg.trace_every,
+                          trace_batch=cfg.trace_batch, trace_step_bound=cfg.trace_step_bound,
                           trace_fn=spectral_fisher_trace if cfg.parametrization == "spectral" and cfg.fast_trace
-                          else fisher_trace, anchor_weight=cfg.anchor_weight)
+                          else fisher_trace, anchor_weight=cfg.anchor_weight, label_smoothing=cfg.label_smoothing)
+    if cfg.feature_shift_weight > 0:
+        objective.shift_weight = cfg.feature_shift_weight
+        objective.shift_reference = {n: head_orig for n, p in params.items() if p is head.weight}
     if cfg.anchor_weight > 0:
+        # Fisher and anchor at the backdoored model's own weights; a re-initialised classifier is
+        # then left out of L_r (anchoring it would pull it back to the backdoored head).
         tuned.eval()
         objective.fisher_diag = fisher_diagonal(work, _batches(work_inputs, targets, 128), likelihood,
                                                 mode=cfg.fisher, generator=gen, params=params)
         objective.anchor = {n: p.detach().clone() for n, p in params.items()}
+        if cfg.reinit_classifier:
+            for name in [n for n, p in params.items() if any(p is q for q in head.parameters())]:
+                del objective.fisher_diag[name], objective.anchor[name]
+    if cfg.reinit_classifier:
+        _reinit_classifier(head, seed)
     tuned.eval()
     val_loss_start = _mean_nll(work, work_inputs, targets, likelihood, 512)
     setup_seconds = time.perf_counter() - t0
@@ -127,14 +218,23 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     base_opt = getattr(opt, "base_optimizer", opt)
     sched = (torch.optim.lr_scheduler.StepLR(base_opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
              if cfg.lr_step else None)
+    head_norm = float(head_orig.norm()) if cfg.project_classifier_norm else None
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
-    val_loss, curves, parts = [], [], {}
-    steps_total = cfg.epochs * math.ceil(n / batch_size)
+    val_loss, curves, parts, part_sums = [], [], {}, []
+    steps_total = cfg.iterations or cfg.epochs * math.ceil(n / batch_size)
+    epochs_total = math.ceil(steps_total / math.ceil(n / batch_size))
+    do_augment = cfg.augment and augment is not None and not cached
     bar = tqdm(total=steps_total, desc=f"purify {cfg.name}", disable=None if progress else True, leave=False)
     t1 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch, order in enumerate(_epochs(cfg, n, batch_size, gen), start=1):
+        part_sums.append({})
         tuned.train()
-        for x, y in _batches(work_inputs, targets, batch_size, torch.randperm(n, generator=gen)):
+        if cfg.bn_mode == "eval":
+            _freeze_batch_norm(tuned.model)
+        for idx in order:
+            x, y = index_inputs(work_inputs, idx.to(targets.device)), targets[idx.to(targets.device)]
+            if do_augment:
+                x = augment(x, gen)
             if isinstance(opt, NaturalGradient):
                 _update_curvature(opt, work, params, x, y, likelihood)
 
@@ -156,14 +256,20 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             else:
                 closure()
                 opt.step()
+            if head_norm is not None:
+                with torch.no_grad():  # FST's constraint ||W_c|| = ||W_c^orig||, by projection
+                    head.weight.mul_(head_norm / head.weight.norm().clamp_min(1e-12))
             step += 1
+            for key, value in parts.items():
+                total, count = part_sums[-1].get(key, (0.0, 0))
+                part_sums[-1][key] = (total + value, count + 1)
             bar.update(1)
             bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in parts.items()})
         if sched is not None:
             sched.step()
         tuned.eval()
         val_loss.append(_mean_nll(work, work_inputs, targets, likelihood, 512))
-        if evaluate is not None and eval_every and (epoch % eval_every == 0 or epoch == cfg.epochs):
+        if evaluate is not None and eval_every and (epoch % eval_every == 0 or epoch == epochs_total):
             te = time.perf_counter()
             curves.append({"epoch": epoch, "val_loss": val_loss[-1], **evaluate(tuned.model)})
             eval_seconds += time.perf_counter() - te
@@ -172,11 +278,14 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     tuned.eval()
     merged = tuned.merge().eval()
     record: dict[str, Any] = {
-        "method": cfg.name, "config": cfg.model_dump(), "seed": seed, "steps": step,
+        "method": cfg.name, "recommended": cfg.name == "recommended", "config": cfg.model_dump(), "seed": seed,
+        "steps": step,
         "tuned_parameters": int(sum(p.numel() for p in params.values())),
         "seconds": {"setup": round(setup_seconds, 3), "tuning": round(tuning_seconds, 3),
                     "total": round(setup_seconds + tuning_seconds, 3)},
         "val_loss_start": val_loss_start, "val_loss": val_loss, "last_step": parts,
+        # each objective term's mean over the steps of each epoch that computed it
+        "terms_per_epoch": [{k: t / c for k, (t, c) in sums.items()} for sums in part_sums],
         "diverged": diverged(val_loss_start, val_loss[-1]),
     }
     if record["diverged"]:

@@ -5,6 +5,8 @@ batch norm. Everything runs on tiny models so the whole file stays in a few seco
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,3 +301,32 @@ def test_bernoulli_likelihood():
     tuned = prepare(model, "spectral")
     torch.testing.assert_close(spectral_fisher_trace(tuned.model, x, y, lik),
                                fisher_trace(tuned.model, x, y, lik), rtol=1e-5, atol=0)
+
+
+def test_batch_statistics_measures_the_trace_on_the_network_the_nll_trains():
+    """SFT's divergence: Tr(F) in eval mode with stale running statistics. Inside batch_statistics the
+    per-sample gradients use this batch's statistics (by hand: a copy whose running statistics are the
+    batch's), samples stay independent, and the running statistics come back untouched."""
+    from smoothpurify.fisher import batch_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 16, 4)).train()
+    x, y = torch.randn(8, 1, 4, 4) * 3 + 1, torch.randint(0, 4, (8,))
+    model[1].running_mean.fill_(-5.0)  # stale: far from this batch's statistics
+    saved = (model[1].running_mean.clone(), model[1].running_var.clone(), int(model[1].num_batches_tracked))
+    params = dict(model.named_parameters())
+    with batch_statistics(model, x):
+        inside = fisher_trace(model, x, y, Categorical(), params)
+    inside.backward()  # the graph survives leaving the context
+    assert torch.equal(model[1].running_mean, saved[0]) and torch.equal(model[1].running_var, saved[1])
+    assert int(model[1].num_batches_tracked) == saved[2] and model.training
+
+    by_hand = copy.deepcopy(model)
+    h = by_hand[0](x).detach()
+    by_hand[1].running_mean.copy_(h.mean((0, 2, 3)))
+    by_hand[1].running_var.copy_(h.transpose(0, 1).reshape(3, -1).var(1, unbiased=True))
+    want = fisher_trace(by_hand, x, y, Categorical(), dict(by_hand.named_parameters()))
+    torch.testing.assert_close(inside, want)
+    stale = fisher_trace(model, x, y, Categorical(), params)
+    assert not torch.allclose(stale, want)  # the bug this guards against measured another network

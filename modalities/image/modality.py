@@ -17,19 +17,12 @@ from smoothpurify.metrics import backdoor_metrics
 from smoothpurify.training import predict, train
 from modalities.base import Attack
 from modalities.image import data as imdata
+from modalities.image.augment import random_shift
 from modalities.image.attacks import ATTACKS, create_attack
 from modalities.image.config import ImageParams, image_params
 from modalities.image.models import MODELS, create_model
 
 SPLITS = ("train", "val", "test")
-
-
-def random_crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Light augmentation: random shifts by up to ``pad`` pixels (no flips: they move corner patches)."""
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    return padded[:, :, dy:dy + h, dx:dx + w]
 
 
 class ImageModality:
@@ -193,7 +186,7 @@ class ImageModality:
             losses = train(model, x, y, self.likelihood, epochs=cfg.train.epochs, lr=cfg.train.lr,
                            batch_size=cfg.train.batch_size, momentum=cfg.train.momentum,
                            weight_decay=cfg.train.weight_decay, seed=seed, device=cfg.device,
-                           augment=random_crop_flip if cfg.train.augment else None,
+                           augment=random_shift if cfg.train.augment else None,
                            desc=f"train {attack_name or 'benign'}", progress=progress)
         out_dir = Path(out_dir)
         meta = {"architecture": cfg.model, "num_classes": meta_data["num_classes"],
@@ -228,6 +221,10 @@ class ImageModality:
                                mapping=desc["mapping"], poison_rate=desc["poison_rate"], seed=desc["seed"], **options)
         attack.load_state_dict(load_state(path))
         return attack
+
+    def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random shifts by up to 2 pixels per image, as in training; no flips (they move a patch)."""
+        return random_shift(inputs, generator)
 
     # ---------------------------------------------------------------- evaluation
     def poisoned_test(self, data_dir: Path, attack: Attack):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.metrics import correct, model_accuracy as accuracy  # noqa: F401 - defenses import them here
 from smoothpurify.model import call_model
 from smoothpurify.purify import PurifyResult
 from smoothpurify.training import index_inputs, num_samples, to_device
@@ -57,26 +58,6 @@ def sample_batch(inputs: Any, targets: torch.Tensor, batch_size: int,
     """One batch drawn with replacement (ANP and AWM sample iterations, not epochs)."""
     idx = torch.randint(num_samples(inputs), (batch_size,), generator=generator).to(targets.device)
     return index_inputs(inputs, idx), targets[idx]
-
-
-def correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample correctness in [0, 1] for the likelihoods of the core: class indices (argmax,
-    averaged over tokens when outputs are ``[B, T, C]``) or multi-label 0/1 targets (threshold 0)."""
-    if targets.is_floating_point() and targets.shape == outputs.shape:
-        hits = ((outputs > 0).to(targets.dtype) == targets).float()
-    else:
-        hits = (outputs.argmax(-1) == targets).float()
-    return hits.reshape(len(hits), -1).mean(1)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, inputs: Any, targets: torch.Tensor, batch_size: int = 512) -> float:
-    """Clean accuracy of ``model`` (eval mode, restored after) on the validation set."""
-    was_training = model.training
-    model.eval()
-    total = sum(float(correct(call_model(model, x), y).sum()) for x, y in batches(inputs, targets, batch_size))
-    model.train(was_training)
-    return total / len(targets)
 
 
 def mean_nll(model: nn.Module, likelihood: Any, x: Any, y: torch.Tensor) -> torch.Tensor:
@@ -180,10 +161,10 @@ def finish(name: str, original: nn.Module, state: dict[str, torch.Tensor], clock
 
 def finetune(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any, overrides: dict[str, Any], *,
              seed: int, device: str, progress: bool, evaluate: Evaluate | None = None,
-             eval_every: int | None = None) -> PurifyResult:
+             eval_every: int | None = None, augment: Any = None) -> PurifyResult:
     """Vanilla fine-tuning through the core tuning loop (the ``ft`` preset with ``overrides``)."""
     from smoothpurify.methods import method_config
     from smoothpurify.purify import purify
 
     return purify(model, inputs, targets, likelihood, method_config("ft", overrides), seed=seed, device=device,
-                  evaluate=evaluate, eval_every=eval_every, progress=progress)
+                  evaluate=evaluate, eval_every=eval_every, progress=progress, augment=augment)

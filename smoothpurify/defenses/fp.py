@@ -114,7 +114,7 @@ def prune_search(model: nn.Module, module_name: str, order: torch.Tensor, inputs
 @register_defense("fp")
 def fine_pruning(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any, options: dict[str, Any],
                  *, seed: int = 0, device: str = "cpu", evaluate=None, eval_every: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, augment=None):
     opts = resolve_options("fp", options, DEFAULTS)
     check_clean_set("fp", targets)
     if not 0 <= opts["acc_drop"] < 1:
@@ -138,7 +138,7 @@ def fine_pruning(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihoo
     clock.end_setup()
 
     t0 = time.perf_counter()
-    tuned = finetune(work, inputs, targets, likelihood, opts["finetune"], seed=seed, device=device,
+    tuned = finetune(work, inputs, targets, likelihood, opts["finetune"], seed=seed, device=device, augment=augment,
                      progress=progress, evaluate=evaluate if eval_every else None, eval_every=eval_every)
     # The loop's own reporting (curves, final metrics) is not tuning time.
     clock.exclude(time.perf_counter() - t0 - tuned.record["seconds"]["total"])

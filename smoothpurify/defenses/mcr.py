@@ -154,7 +154,7 @@ def choose_t(accs: dict[float, float], tolerance: float) -> float:
 @register_defense("mcr")
 def mode_connectivity_repair(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any,
                              options: dict[str, Any], *, seed: int = 0, device: str = "cpu", evaluate=None,
-                             eval_every: int | None = None, progress: bool = True):
+                             eval_every: int | None = None, progress: bool = True, augment=None):
     opts = resolve_options("mcr", options, DEFAULTS)
     check_clean_set("mcr", targets)
     if opts["t"] is not None and not 0 <= float(opts["t"]) <= 1:
@@ -162,7 +162,7 @@ def mode_connectivity_repair(model: nn.Module, inputs: Any, targets: torch.Tenso
     clock = Clock()
     start, inputs, targets = working_copy(model, device, inputs, targets)
     t0 = time.perf_counter()
-    tuned = finetune(start, inputs, targets, likelihood, opts["finetune"], seed=seed, device=device,
+    tuned = finetune(start, inputs, targets, likelihood, opts["finetune"], seed=seed, device=device, augment=augment,
                      progress=progress)
     clock.exclude(time.perf_counter() - t0 - tuned.record["seconds"]["total"])
     curve = BezierCurve(start.eval(), tuned.model.to(device).eval())

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalities.base import Attack
+from modalities.image.augment import random_shift
 
 PREFIX = "net."
 
@@ -99,10 +100,7 @@ def joint_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: dic
     s = settings(context)
     epochs = epochs or s["epochs"]
     dev = s["device"]
-    augment = None
-    if s["augment"]:
-        from modalities.image.modality import random_crop_flip  # lazy: modality imports this package
-        augment = random_crop_flip
+    augment = random_shift if s["augment"] else None
     model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     steps = epochs * math.ceil(len(y) / s["batch_size"])

@@ -1,0 +1,142 @@
+"""The purification recipes beyond the papers' math: augmentation, batch-norm mode, label smoothing,
+FT-init and FST (Min et al. 2023), iterations with replacement, and the destroyed-model guard."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from smoothpurify import pipeline
+from smoothpurify.likelihood import Bernoulli, Categorical
+from smoothpurify.methods import make_runner, method_config
+from smoothpurify.objective import Objective
+from smoothpurify.purify import collapsed, purify
+from tests.test_purify import TinyCNN, toy_data
+
+
+def test_label_smoothing_matches_the_hand_formula():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    y = torch.tensor([0, 2])
+    eps = 0.1
+    logp = torch.log_softmax(logits, -1)
+    want = -((1 - eps) * logp[torch.arange(2), y] + eps * logp.mean(-1))
+    torch.testing.assert_close(Categorical().smoothed_nll(logits, y, eps), want)
+    torch.testing.assert_close(Categorical().smoothed_nll(logits, y, eps),
+                               nn.functional.cross_entropy(logits, y, label_smoothing=eps, reduction="none"))
+    t = torch.tensor([[1.0, 0.0, 1.0]])
+    torch.testing.assert_close(Bernoulli().smoothed_nll(logits[:1], t, 0.2),
+                               Bernoulli().nll(logits[:1], torch.tensor([[0.9, 0.1, 0.9]])))
+
+
+def test_ft_sam_is_the_authors_adaptive_sam_and_the_sft_reading_stays():
+    authors, sft_reading = method_config("ft-sam"), method_config("ft-sam-sft")
+    assert (authors.sam_adaptive, authors.sam_rho, authors.label_smoothing) == (True, 2.0, 0.1)
+    assert (sft_reading.sam_adaptive, sft_reading.sam_rho, sft_reading.label_smoothing) == (False, 0.05, 0.0)
+
+
+def test_fst_term_is_the_inner_product_with_the_original_classifier():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    params = dict(model.named_parameters())
+    ref = torch.randn_like(params["head.weight"])
+    obj = Objective(Categorical(), shift_weight=0.2, shift_reference={"head.weight": ref})
+    loss, parts = obj(model, params, x, y, step=0)
+    nll = Categorical().nll(model(x), y).mean()
+    torch.testing.assert_close(loss, nll + 0.2 * (params["head.weight"] * ref).sum())
+    assert math.isclose(parts["shift"], float((params["head.weight"] * ref).sum().detach()), rel_tol=1e-6)
+
+
+def test_fst_reinitialises_the_classifier_and_keeps_its_norm():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    norm = float(model.head.weight.norm())
+    for method, keeps_norm in (("fst", True), ("ft-init", False)):
+        cfg = method_config(method, {"epochs": 3, "batch_size": 16, "lr": 0.5})
+        out = purify(model, x, y, Categorical(), cfg, progress=False).model
+        cos = nn.functional.cosine_similarity(out.head.weight.flatten(), model.head.weight.flatten(), dim=0)
+        assert abs(float(cos)) < 0.5, method  # a fresh head, not the backdoored one fine-tuned
+        assert math.isclose(float(out.head.weight.norm()), norm, rel_tol=1e-5) == keeps_norm, method
+
+
+def test_augmentation_is_applied_to_every_tuning_batch_and_can_be_switched_off():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    seen = []
+
+    def augment(batch, gen):
+        seen.append(len(batch))
+        return batch + 0.01 * torch.randn(batch.shape, generator=gen)
+
+    purify(model, x, y, Categorical(), method_config("ft", {"epochs": 2, "batch_size": 16}), progress=False,
+           augment=augment)
+    assert seen == [16] * 6
+    seen.clear()
+    purify(model, x, y, Categorical(), method_config("ft", {"epochs": 2, "batch_size": 16, "augment": False}),
+           progress=False, augment=augment)
+    purify(model, x, y, Categorical(), method_config("ngf", {"epochs": 2}), progress=False, augment=augment)
+    assert seen == []  # switched off; NGF tunes on cached features
+
+
+def test_batch_norm_mode_eval_keeps_running_statistics():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    for mode, frozen in (("eval", True), ("train", False)):
+        out = purify(model, x, y, Categorical(), method_config("ft", {"epochs": 1, "bn_mode": mode}),
+                     progress=False).model
+        assert torch.equal(out.bn.running_mean, model.bn.running_mean) == frozen, mode
+
+
+def test_iterations_draw_batches_with_replacement():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    cfg = method_config("sft-authors", {"iterations": 7, "batch_size": 32, "trace_every": 3})
+    record = purify(model, x, y, Categorical(), cfg, progress=False).record
+    assert record["steps"] == 7 and len(record["val_loss"]) == 4  # ceil(48 / 32) = 2 steps per epoch
+    assert "trace_f" in record["terms_per_epoch"][0]
+
+
+def test_a_destroyed_model_is_flagged_whatever_its_loss():
+    assert collapsed(0.94, 0.13) and collapsed(0.9, float("nan")) and not collapsed(0.9, 0.75)
+
+    def destroy(model, x, y, likelihood, options, **kw):
+        from smoothpurify.purify import PurifyResult
+        out = TinyCNN()
+        nn.init.zeros_(out.head.weight)
+        nn.init.constant_(out.head.bias, 0.0)
+        out.head.bias.data[1] = 5.0  # predicts class 1 everywhere: clean accuracy 1/3
+        return PurifyResult(out, {"method": "destroy"})
+
+    from smoothpurify import defenses
+    defenses._load_builtin()
+    defenses.DEFENSES["destroy"] = destroy
+    try:
+        torch.manual_seed(0)
+        model, (x, y) = TinyCNN(), toy_data()
+        purify(model, x, y, Categorical(), method_config("ft", {"epochs": 20, "batch_size": 16, "lr": 0.1}),
+               progress=False)
+        trained = purify(model, x, y, Categorical(), method_config("ft", {"epochs": 30, "batch_size": 16, "lr": 0.1}),
+                         progress=False).model
+        _, run = make_runner("destroy")
+        with pytest.warns(RuntimeWarning, match="destroyed"):
+            record = run(trained, x, y, Categorical()).record
+        assert record["diverged"] and record["diverged_reason"] == "clean validation accuracy collapsed"
+        assert record["val_acc_start"] > 0.9 and record["val_acc_end"] < 0.4
+        _, run = make_runner("ft", {"epochs": 1})
+        assert run(trained, x, y, Categorical()).record["diverged"] is False
+    finally:
+        del defenses.DEFENSES["destroy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fst", "ft-init", "ft-sam", "recommended"])
+def test_new_methods_lower_asr_on_a_backdoored_tiny_model(tiny_params, method):
+    tiny_params["image"]["attacks"] = ["badnets"]
+    pipeline.prepare("image", tiny_params)
+    pipeline.train_attack("image", tiny_params, "badnets", progress=False)
+    tiny_params["purify"] = {"common": {"epochs": 20, "lr_step": 8}}
+    record = pipeline.purify("image", tiny_params, "badnets", method, progress=False)
+    assert record["before"]["asr"] >= 0.9
+    assert record["after"]["asr"] < record["before"]["asr"] - 0.5, record["after"]
+    assert record["after"]["acc"] >= record["before"]["acc"] - 0.1 and not record["diverged"]
