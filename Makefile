@@ -22,7 +22,7 @@ data: $(STAMP)
 	$(BIN)/smoothpurify fetch-data
 
 demo: $(STAMP)
-	$(BIN)/python -m flows.image --profile smoke --attacks badnets --methods ft,ft-sam,sft,fsft,ngf
+	$(BIN)/python -m flows.image --profile smoke --attacks badnets --methods recommended,ft,ft-sam,sft,fsft,ngf
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

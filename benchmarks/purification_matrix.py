@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -84,7 +85,16 @@ def to_markdown(store: dict) -> str:
 CANDIDATES = {
     "cand-asam-rho1": ("ft-sam", {"sam_rho": 1.0}),
     "cand-fst-alpha0.05": ("fst", {"feature_shift_weight": 0.05}),
+    # FST at the papers' 100-epoch schedule; under the smoke profile it needs
+    # --set purify.overrides.cand-fst-paper.epochs=100 purify.overrides.cand-fst-paper.lr_step=40
+    "cand-fst-paper": ("fst", {}),
 }
+
+
+def _candidates() -> dict:
+    """CANDIDATES plus any given as JSON in $SMOOTHPURIFY_CANDIDATES ({name: [base, settings]})."""
+    extra = json.loads(os.environ.get("SMOOTHPURIFY_CANDIDATES", "{}"))
+    return {**CANDIDATES, **{k: tuple(v) for k, v in extra.items()}}
 
 
 def run_row(args, attack: str) -> None:
@@ -97,7 +107,7 @@ def run_row(args, attack: str) -> None:
     from smoothpurify.params import deep_merge
 
     register_modality("image", ImageModality)  # also where the package is not installed (a GPU box)
-    for name, (base, settings) in CANDIDATES.items():
+    for name, (base, settings) in _candidates().items():
         PRESETS.setdefault(name, {**PRESETS[base], **settings})
     from smoothpurify.params import load_params
 

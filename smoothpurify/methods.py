@@ -95,8 +95,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # `recommended`: ONE setting for every attack and model, chosen once from the purification matrix
 # (benchmarks/results/purification_matrix.md; README, "How recommended was chosen"), never per attack.
+# FST at lr 0.005 on the papers' 100-epoch schedule (decay 0.1 every 40 epochs).
 RECOMMENDED_FROM = "fst"
-PRESETS["recommended"] = dict(PRESETS[RECOMMENDED_FROM])
+PRESETS["recommended"] = dict(PRESETS[RECOMMENDED_FROM], lr=0.005, epochs=100, lr_step=40)
 
 
 def method_names() -> list[str]:

@@ -86,3 +86,15 @@ def test_clear_one_line_errors(outside_checkpoint, args, msg):
     assert out.returncode == 2, out.stdout + out.stderr
     assert msg in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not (d / "purified.safetensors").exists()
+
+
+def test_without_method_the_recommended_method_runs(outside_checkpoint):
+    d = outside_checkpoint
+    out = run_cli("--checkpoint", "model.safetensors", "--model", "mymodel.py:build", "--num-classes", "10",
+                  "--clean-data", "clean.npz", "--epochs", "2", "--out", "purified.safetensors", cwd=d)
+    assert out.returncode == 0, out.stderr
+    import json
+    record = json.loads((d / "purified.record.json").read_text())
+    assert record["method"] == "recommended" and record["recommended"] is True
+    assert record["config"]["reinit_classifier"] and "val_acc_end" in record
+    assert "recommended (= fst settings)" in out.stdout and "no ASR" in out.stdout
