@@ -8,7 +8,6 @@ overridden from params.yaml (``purify.overrides.<method>``).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -132,10 +131,5 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None):
         raise SmoothPurifyError(f"unknown purification method {method!r}; choose one of: "
                                 f"{', '.join(list(PRESETS) + defense_names())}")
     defense, options = get_defense(method), dict(overrides or {})
-    takes_augment = "augment" in inspect.signature(defense).parameters
-
-    def run(model, x, y, likelihood, **kw):
-        if not takes_augment:
-            kw.pop("augment", None)  # this defense does not fine-tune on the clean data
-        return defense(model, x, y, likelihood, options, **kw)
-    return {"defense": method, **options}, guarded(run)
+    return {"defense": method, **options}, guarded(lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
+                                                                                               options, **kw))

@@ -87,7 +87,7 @@ def test_registry_and_signatures_take_only_the_clean_set():
         positional = [p.name for p in params.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
         keyword = [p.name for p in params.values() if p.kind is p.KEYWORD_ONLY]
         assert positional == ["model", "inputs", "targets", "likelihood", "options"], name
-        assert keyword == ["seed", "device", "evaluate", "eval_every", "progress"], name
+        assert keyword == ["seed", "device", "evaluate", "eval_every", "progress", "augment"], name
         assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values()), name
         assert get_defense(name).__doc__ or inspect.getmodule(get_defense(name)).__doc__
 

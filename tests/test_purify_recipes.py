@@ -51,7 +51,7 @@ def test_fst_term_is_the_inner_product_with_the_original_classifier():
 def test_fst_reinitialises_the_classifier_and_keeps_its_norm():
     torch.manual_seed(0)
     model, (x, y) = TinyCNN(), toy_data()
-    norm = float(model.head.weight.norm())
+    norm = float(model.head.weight.detach().norm())
     for method, keeps_norm in (("fst", True), ("ft-init", False)):
         cfg = method_config(method, {"epochs": 3, "batch_size": 16, "lr": 0.5})
         out = purify(model, x, y, Categorical(), cfg, progress=False).model
@@ -135,7 +135,7 @@ def test_new_methods_lower_asr_on_a_backdoored_tiny_model(tiny_params, method):
     tiny_params["image"]["attacks"] = ["badnets"]
     pipeline.prepare("image", tiny_params)
     pipeline.train_attack("image", tiny_params, "badnets", progress=False)
-    tiny_params["purify"] = {"common": {"epochs": 20, "lr_step": 8}}
+    tiny_params["purify"] = {"common": {"epochs": 20, "lr_step": 8, "augment": False}}  # shifts change the class
     record = pipeline.purify("image", tiny_params, "badnets", method, progress=False)
     assert record["before"]["asr"] >= 0.9
     assert record["after"]["asr"] < record["before"]["asr"] - 0.5, record["after"]

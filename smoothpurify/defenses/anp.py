@@ -138,7 +138,8 @@ def learn_masks(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood
 @register_defense("anp")
 def adversarial_neuron_pruning(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any,
                                options: dict[str, Any], *, seed: int = 0, device: str = "cpu", evaluate=None,
-                               eval_every: int | None = None, progress: bool = True):
+                               eval_every: int | None = None, progress: bool = True,
+                               augment=None):  # unused: no fine-tuning through the core loop
     opts = resolve_options("anp", options, DEFAULTS)
     check_clean_set("anp", targets)
     if opts["prune_by"] not in ("threshold", "number"):

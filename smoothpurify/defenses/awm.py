@@ -141,7 +141,8 @@ def learn_masks(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood
 @register_defense("awm")
 def adversarial_weight_masking(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any,
                                options: dict[str, Any], *, seed: int = 0, device: str = "cpu", evaluate=None,
-                               eval_every: int | None = None, progress: bool = True):
+                               eval_every: int | None = None, progress: bool = True,
+                               augment=None):  # unused: no fine-tuning through the core loop
     opts = resolve_options("awm", options, DEFAULTS)
     check_clean_set("awm", targets)
     clock = Clock()

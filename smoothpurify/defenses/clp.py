@@ -52,7 +52,8 @@ def outliers(values: torch.Tensor, u: float) -> torch.Tensor:
 @register_defense("clp")
 def channel_lipschitz_pruning(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any,
                               options: dict[str, Any], *, seed: int = 0, device: str = "cpu", evaluate=None,
-                              eval_every: int | None = None, progress: bool = True):
+                              eval_every: int | None = None, progress: bool = True,
+                              augment=None):  # unused: no fine-tuning through the core loop
     opts = resolve_options("clp", options, DEFAULTS)
     clock = Clock()
     work = copy.deepcopy(model).cpu().eval()

@@ -167,7 +167,8 @@ def unlearn(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: An
 @register_defense("ibau")
 def implicit_backdoor_adversarial_unlearning(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any,
                                              options: dict[str, Any], *, seed: int = 0, device: str = "cpu",
-                                             evaluate=None, eval_every: int | None = None, progress: bool = True):
+                                             evaluate=None, eval_every: int | None = None, progress: bool = True,
+                                             augment=None):  # unused: no fine-tuning through the core loop
     opts = resolve_options("ibau", options, DEFAULTS)
     check_clean_set("ibau", targets)
     clock = Clock()

@@ -74,7 +74,8 @@ class FeatureTap:
 @register_defense("nad")
 def neural_attention_distillation(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Any,
                                   options: dict[str, Any], *, seed: int = 0, device: str = "cpu", evaluate=None,
-                                  eval_every: int | None = None, progress: bool = True):
+                                  eval_every: int | None = None, progress: bool = True,
+                                  augment=None):  # unused: no fine-tuning through the core loop
     opts = resolve_options("nad", options, DEFAULTS)
     check_clean_set("nad", targets)
     clock = Clock()
