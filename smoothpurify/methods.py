@@ -29,7 +29,6 @@ class MethodConfig(BaseModel):
     #            + feature_shift_weight * <W_c, W_c_orig>  (FST, Min et al. 2023)
     trace_weight: float = Field(0.0, ge=0)       # eta_F
     trace_every: int = Field(10, ge=1)
-    trace_batch: Optional[int] = Field(None, ge=1)  # Tr(F) on the first samples of the batch (None: all)
     fast_trace: bool = True                      # spectral: ghost-norm trace (same value as vmap)
     trace_step_bound: bool = True                # trace gradient never longer than the NLL's (README)
     anchor_weight: float = Field(0.0, ge=0)      # eta_r

@@ -28,7 +28,6 @@ from torch import nn
 from smoothpurify.fisher import batch_statistics
 from smoothpurify.likelihood import Likelihood
 from smoothpurify.model import call_model
-from smoothpurify.training import index_inputs
 
 TraceFn = Callable[..., torch.Tensor]
 
@@ -45,7 +44,6 @@ class Objective:
     likelihood: Likelihood
     trace_weight: float = 0.0
     trace_every: int = 10
-    trace_batch: int | None = None
     trace_step_bound: bool = False
     trace_fn: TraceFn | None = None
     anchor_weight: float = 0.0
@@ -74,11 +72,8 @@ class Objective:
                else self.likelihood.nll(outputs, targets)).mean()
         total, parts = nll, {"nll": float(nll.detach())}
         if self.trace_weight > 0 and step % self.trace_every == 0:
-            x_tr, y_tr = inputs, targets
-            if self.trace_batch is not None and len(targets) > self.trace_batch:
-                x_tr, y_tr = index_inputs(inputs, torch.arange(self.trace_batch)), targets[:self.trace_batch]
-            with batch_statistics(model, x_tr):
-                trace = self.trace_fn(model, x_tr, y_tr, self.likelihood, params)
+            with batch_statistics(model, inputs):
+                trace = self.trace_fn(model, inputs, targets, self.likelihood, params)
             weight = self.trace_weight
             if self.trace_step_bound:
                 weight = weight * self._trace_scale(nll, weight * trace, params)

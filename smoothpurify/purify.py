@@ -39,9 +39,8 @@ class PurifyResult:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _batches(inputs: Any, targets: torch.Tensor, batch_size: int, order: torch.Tensor | None = None):
-    order = torch.arange(len(targets)) if order is None else order
-    for idx in order.split(batch_size):
+def _batches(inputs: Any, targets: torch.Tensor, batch_size: int):
+    for idx in torch.arange(len(targets)).split(batch_size):
         yield index_inputs(inputs, idx), targets[idx]
 
 
@@ -192,7 +191,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     params = {n: p for n, p in work.named_parameters() if p.requires_grad}
     gen = torch.Generator().manual_seed(seed)
     objective = Objective(likelihood, trace_weight=cfg.trace_weight, trace_every=cfg.trace_every,
-                          trace_batch=cfg.trace_batch, trace_step_bound=cfg.trace_step_bound,
+                          trace_step_bound=cfg.trace_step_bound,
                           trace_fn=spectral_fisher_trace if cfg.parametrization == "spectral" and cfg.fast_trace
                           else fisher_trace, anchor_weight=cfg.anchor_weight, label_smoothing=cfg.label_smoothing)
     if cfg.feature_shift_weight > 0:
