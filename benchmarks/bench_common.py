@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_set(items: list[str]) -> dict[str, dict]:
-    """``name.key=value`` (value parsed as YAML; ``a.b.c=v`` sets a nested key) -> options."""
-    out: dict[str, dict] = {}
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``key=value`` (value parsed as YAML; ``a.b.c=v`` sets a nested key) -> options."""
+    out: dict[str, Any] = {}
     for item in items:
-        lhs, _, value = item.partition("=")
+        lhs, eq, value = item.partition("=")
         name, *keys = lhs.split(".")
+        if not eq or not name:
+            raise SystemExit(f"--set wants key=value or name.key=value, got {item!r}")
         if not keys:
-            raise SystemExit(f"--set wants name.key=value, got {item!r}")
+            out[name] = yaml.safe_load(value)
+            continue
         node = out.setdefault(name, {})
         for key in keys[:-1]:
             node = node.setdefault(key, {})

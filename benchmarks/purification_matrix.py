@@ -101,7 +101,7 @@ def run_row(args, attack: str) -> None:
     import torch
 
     from modalities.image import ImageModality
-    from smoothpurify import pipeline
+    from smoothpurify import SmoothPurifyError, pipeline
     from smoothpurify.methods import PRESETS
     from smoothpurify.modality import register_modality
     from smoothpurify.params import deep_merge
@@ -121,7 +121,11 @@ def run_row(args, attack: str) -> None:
     print(f"{attack}: model ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     json_path = Path(args.out).with_suffix(".json")
     for method in args.methods:
-        rec = pipeline.purify("image", params, attack, method, progress=False)
+        try:
+            rec = pipeline.purify("image", params, attack, method, progress=False)
+        except SmoothPurifyError as err:  # one method's failure must not cost the row its other methods
+            print(f"  {method:12s} FAILED: {err}", flush=True)
+            continue
         store = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}, "meta": {"settings": {}}}
         img = params["image"]
         store["meta"] = {"profile": params["profile"], "data": data["source"].split(" (")[0], "model": img["model"],
