@@ -76,8 +76,8 @@ def recognised_asr(run_dir: Path, name: str) -> float | None:
     backdoor did not take" from "the model does not know the class". None for attacks whose
     poisoned test inputs have no single clean counterpart (CBA's composites, mixtures' unions).
     """
-    from modalities.base import Attack
-    from smoothpurify.modality import get_modality
+    from modalities.contract import Attack
+    from modalities.contract import get_modality
     from smoothpurify.training import predict
 
     mod, root = get_modality("image"), run_dir / "image"
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(RESULTS / "attack_suite"))
     args = ap.parse_args(argv)
 
-    from smoothpurify import pipeline
-    from smoothpurify.params import load_params
+    import pipeline
+    from pipeline.params import load_params
 
     torch.set_num_threads(args.threads)
     params = load_params(args.params)

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from smoothpurify import pipeline
-    from smoothpurify.params import load_params
+    import pipeline
+    from pipeline.params import load_params
 
     torch.set_num_threads(args.threads)
     params = load_params(args.params)

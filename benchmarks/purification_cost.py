@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from smoothpurify import pipeline
+import pipeline
 from smoothpurify.methods import method_config
-from smoothpurify.modality import get_modality
-from smoothpurify.params import load_params
+from modalities.contract import get_modality
+from pipeline.params import load_params
 from smoothpurify.purify import purify
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -101,15 +101,16 @@ def run_row(args, attack: str) -> None:
     import torch
 
     from modalities.image import ImageModality
-    from smoothpurify import SmoothPurifyError, pipeline
+    from smoothpurify import SmoothPurifyError
+    import pipeline
     from smoothpurify.methods import PRESETS
-    from smoothpurify.modality import register_modality
-    from smoothpurify.params import deep_merge
+    from modalities.contract import register_modality
+    from pipeline.params import deep_merge
 
     register_modality("image", ImageModality)  # also where the package is not installed (a GPU box)
     for name, (base, settings) in _candidates().items():
         PRESETS.setdefault(name, {**PRESETS[base], **settings})
-    from smoothpurify.params import load_params
+    from pipeline.params import load_params
 
     torch.set_num_threads(args.threads)
     params = deep_merge(load_params(args.params, args.profile), parse_set(args.set))

@@ -1,7 +1,7 @@
 """smoothpurify: backdoor purification of trained neural networks.
 
 The core is modality-agnostic: it knows tensors, ``nn.Module`` s and per-sample likelihoods,
-never images, Prefect or DVC. Modalities plug in through :mod:`smoothpurify.modality`.
+never images, Prefect or DVC. Modalities plug in through :mod:`modalities.contract`.
 """
 
 __version__ = "0.1.0"

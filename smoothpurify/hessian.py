@@ -26,7 +26,7 @@ from torch import nn
 from smoothpurify import SmoothPurifyError
 from smoothpurify.model import call_model
 
-__all__ = ["HessianOperator", "top_eigenvalues", "hessian_trace", "spectral_density",
+__all__ = ["HessianOperator", "top_eigenvalues", "hessian_trace", "spectral_density", "slq_density",
            "fisher_trace_value", "analyze"]
 
 
@@ -119,6 +119,21 @@ class HessianOperator:
         dev = generator.device if generator is not None else "cpu"
         return torch.randn(self.dim, generator=generator, device=dev).to(self.device, self.dtype)
 
+    # -- the estimators, each on this one graph (PyHessian's shape: one public method each) ----------
+    def top_eigenvalues(self, k: int, max_iter: int = 50, tol: float = 1e-3,
+                        generator: torch.Generator | None = None) -> list[float]:
+        """Power iteration with deflation: the ``k`` eigenvalues of largest magnitude."""
+        return _top_eigenvalues(self, k, max_iter, tol, generator)
+
+    def hutchinson(self, n_probes: int, tol: float | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, float]:
+        """Tr(H) by Rademacher probes: ``mean``, ``stderr``, ``probes``."""
+        return _hutchinson(self, n_probes, tol, generator)
+
+    def lanczos(self, steps: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Lanczos run from a random start: Ritz values (SLQ nodes) and their quadrature weights."""
+        return _lanczos(self, steps, generator)
+
 
 def _orthogonalize(v: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
     for b in basis:
@@ -199,7 +214,7 @@ def _lanczos(op: HessianOperator, steps: int, generator: torch.Generator | None)
     return nodes, vecs[0] ** 2
 
 
-def _density(nodes: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor | int,
+def slq_density(nodes: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor | int,
              sigma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
@@ -262,7 +277,7 @@ def spectral_density(model: nn.Module, inputs: Any, targets: torch.Tensor, likel
         n_hvp = op.n_hvp
     nodes = torch.cat([n for n, _ in runs])
     weights = torch.cat([w for _, w in runs]) / n_probes
-    grid, density = _density(nodes, weights, grid, sigma)
+    grid, density = slq_density(nodes, weights, grid, sigma)
     return {"grid": grid, "density": density, "nodes": nodes, "weights": weights, "n_hvp": n_hvp}
 
 

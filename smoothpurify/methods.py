@@ -111,24 +111,3 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> MethodC
     except ValidationError as err:
         first = err.errors()[0]
         raise SmoothPurifyError(f"method {name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
-def make_runner(method: str, overrides: dict[str, Any] | None = None):
-    """``(settings, run)`` for a tuning-loop preset or a baseline defense (:mod:`smoothpurify.defenses`).
-
-    ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way; ``kw`` are
-    the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...).
-    """
-    from smoothpurify.purify import guarded, purify  # noqa: PLC0415 - purify imports this module
-
-    if method in PRESETS:
-        cfg = method_config(method, overrides)
-        return cfg.model_dump(), guarded(lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg, **kw))
-    from smoothpurify.defenses import defense_names, get_defense  # noqa: PLC0415
-
-    if method not in defense_names():
-        raise SmoothPurifyError(f"unknown purification method {method!r}; choose one of: "
-                                f"{', '.join(list(PRESETS) + defense_names())}")
-    defense, options = get_defense(method), dict(overrides or {})
-    return {"defense": method, **options}, guarded(lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
-                                                                                               options, **kw))

@@ -2,6 +2,7 @@
 clean accuracy of a model on the defender's validation set."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,6 +10,28 @@ from torch import nn
 
 from smoothpurify.model import call_model
 from smoothpurify.training import index_inputs, num_samples
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A reported number that knows its direction, so a report can say which result is best for
+    any modality (ACC and mAP up, ASR down, BLEU up) without knowing the modality."""
+
+    key: str                  # the key in evaluation records, e.g. "asr"
+    label: str                # the column header, e.g. "ASR %"
+    higher_is_better: bool
+    percent: bool = True      # stored as a fraction, shown in percent
+
+    def better(self, a: float, b: float) -> bool:
+        """Is ``a`` strictly better than ``b``?"""
+        return a > b if self.higher_is_better else a < b
+
+
+# The backdoor metrics of every classifier-like modality.
+ACC = Metric("acc", "ACC %", higher_is_better=True)
+ASR = Metric("asr", "ASR %", higher_is_better=False)
+RA = Metric("ra", "RA %", higher_is_better=True)
+BACKDOOR_METRICS = (ASR, ACC, RA)  # table order
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

@@ -115,18 +115,39 @@ def _make_optimizer(cfg: MethodConfig, params: dict[str, torch.Tensor]) -> torch
     return make_optimizer("natural_gradient", values, lr=cfg.lr, damping=cfg.damping, momentum=cfg.momentum)
 
 
-def _update_curvature(opt: NaturalGradient, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
-                      y: torch.Tensor, likelihood: Likelihood) -> None:
-    """Give the natural-gradient optimizer the Fisher of this batch (exact, or K-FAC factors)."""
-    if opt.solvers[0] == "exact":
-        grads = per_sample_grads(model, x, y, likelihood, params)
-        opt.update_fisher([grads[n] for n in params])
-        return
-    if not isinstance(model, nn.Linear):
-        raise SmoothPurifyError("K-FAC natural gradient needs a linear classifier on cached features")
-    z = model(x).detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(likelihood.nll(z, y).sum(), z)  # per-sample dl_j/dz_j
-    opt.update_kfac(x.reshape(len(y), -1), g, has_bias=model.bias is not None)
+class _BatchClosure:
+    """The loss of this step's batch for ``optimizer.step(closure)``: clears the gradients, evaluates
+    the objective, checks it is finite, backpropagates (and clips). ``curvature(opt)`` hands a
+    natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier)."""
+
+    def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
+                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str):
+        self.opt, self.objective, self.model, self.params = opt, objective, model, params
+        self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
+        self.parts: dict[str, float] = {}
+
+    def __call__(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss, self.parts = self.objective(self.model, self.params, self.x, self.y, self.step)
+        if not torch.isfinite(loss):
+            raise SmoothPurifyError(f"{self.cfg.name}: loss became {loss.item()} at {self.where}; "
+                                    f"lower the learning rate (now {self.cfg.lr})")
+        loss.backward()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
+        return loss
+
+    def curvature(self, opt: NaturalGradient) -> None:
+        likelihood, x, y = self.objective.likelihood, self.x, self.y
+        if opt.solvers[0] == "exact":
+            grads = per_sample_grads(self.model, x, y, likelihood, self.params)
+            opt.update_fisher([grads[n] for n in self.params])
+            return
+        if not isinstance(self.model, nn.Linear):
+            raise SmoothPurifyError("K-FAC natural gradient needs a linear classifier on cached features")
+        z = self.model(x).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(likelihood.nll(z, y).sum(), z)  # per-sample dl_j/dz_j
+        opt.update_kfac(x.reshape(len(y), -1), g, has_bias=self.model.bias is not None)
 
 
 def _epochs(cfg: MethodConfig, n: int, batch_size: int, gen: torch.Generator):
@@ -234,27 +255,9 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             x, y = index_inputs(work_inputs, idx.to(targets.device)), targets[idx.to(targets.device)]
             if do_augment:
                 x = augment(x, gen)
-            if isinstance(opt, NaturalGradient):
-                _update_curvature(opt, work, params, x, y, likelihood)
-
-            def closure():
-                nonlocal parts
-                opt.zero_grad(set_to_none=True)
-                loss, parts = objective(work, params, x, y, step)
-                if not torch.isfinite(loss):
-                    raise SmoothPurifyError(f"{cfg.name}: loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                            f"lower the learning rate (now {cfg.lr})")
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                return loss
-
-            if cfg.optimizer == "sam":
-                closure()  # the ascent direction needs this step's gradient at w, not a stale one
-                opt.step(closure)
-            else:
-                closure()
-                opt.step()
+            closure = _BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}")
+            opt.step(closure)
+            parts = closure.parts
             if head_norm is not None:
                 with torch.no_grad():  # FST's constraint ||W_c|| = ||W_c^orig||, by projection
                     head.weight.mul_(head_norm / head.weight.norm().clamp_min(1e-12))

@@ -1,4 +1,4 @@
-"""Prefect tasks: thin, typed wrappers over the pipeline stages (``smoothpurify.pipeline``).
+"""Prefect tasks: thin, typed wrappers over the pipeline stages (``pipeline.stages``).
 
 The same functions serve the Prefect flows (as tasks) and the DVC stages
 (``python -m tasks <stage> ...`` calls each task's underlying function), so the logic exists once.

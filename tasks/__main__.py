@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.params import load_params
-from smoothpurify.pipeline import BENIGN, check_names
+from pipeline.params import load_params
+from pipeline.stages import BENIGN, check_names
 
 
 def run_attack_stage(args: argparse.Namespace, params: dict) -> None:

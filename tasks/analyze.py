@@ -4,7 +4,7 @@ from typing import Any
 
 from prefect import task
 
-from smoothpurify.analysis import analysis_batch, analyze_stage
+from pipeline.analysis import analysis_batch, analyze_stage
 
 
 @task(name="analysis-batch", cache_policy=None, task_run_name="analysis-batch-{attack}")

@@ -4,7 +4,7 @@ from typing import Any
 
 from prefect import task
 
-from smoothpurify import pipeline
+import pipeline
 
 
 @task(name="prepare-data", cache_policy=None)

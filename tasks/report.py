@@ -4,7 +4,7 @@ from typing import Any
 
 from prefect import task
 
-from smoothpurify.report_doc import write_report as write_report_files
+from pipeline.report.document import write_report as write_report_files
 
 
 @task(name="write-report", cache_policy=None)

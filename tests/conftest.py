@@ -35,7 +35,7 @@ def tiny_images(n: int, seed: int = 0, side: int = 12):
 def tiny_params(tmp_path, monkeypatch):
     """params for the image pipeline on tiny synthetic data, run folder under tmp_path."""
     from modalities.image import data as imdata
-    from smoothpurify.modality import register_modality
+    from modalities.contract import register_modality
     from modalities.image import ImageModality
 
     register_modality("image", ImageModality)

@@ -13,12 +13,13 @@ from torch import nn
 
 from conftest import tiny_images
 from smoothpurify import SmoothPurifyError
-from smoothpurify.analysis import AnalysisSettings, analysis_settings, analyze_model, analyze_stage, build_analysis_batch
-from smoothpurify.curves import curve_evaluator, lambda_max_fn, write_curves_csv
+from smoothpurify.smoothness import AnalysisSettings, analysis_settings, analyze_model, build_analysis_batch
+from pipeline.analysis import analyze_stage
+from pipeline.curves import curve_evaluator, lambda_max_fn, write_curves_csv
 from smoothpurify.hessian import fisher_trace_value
 from smoothpurify.likelihood import Categorical
 from smoothpurify.parametrize import prepare
-from smoothpurify.plots import plot_curves, plot_density, plot_tsne
+from pipeline.report.plots import plot_curves, plot_density, plot_tsne
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = {"n_clean": 40, "n_poison": 40, "lanczos_steps": 6, "n_probes": 3, "grid": 100}
@@ -119,8 +120,8 @@ def test_short_lanczos_gives_lower_bounds_close_to_the_top(mlp):
 def tiny_run(tmp_path_factory, one_thread):
     from modalities.image import ImageModality
     from modalities.image import data as imdata
-    from smoothpurify import pipeline
-    from smoothpurify.modality import register_modality
+    import pipeline
+    from modalities.contract import register_modality
 
     register_modality("image", ImageModality)
     splits = {"train": tiny_images(1500, 0), "test": tiny_images(400, 1)}
@@ -186,16 +187,16 @@ def test_stage_reruns_when_settings_change_and_rejects_bad_names(tiny_run):
 
 def test_purification_curves_can_carry_lambda_max(tiny_run):
     from modalities.image import ImageModality
-    from smoothpurify.analysis import analysis_batch
-    from smoothpurify.curves import with_lambda_max
+    from pipeline.analysis import analysis_batch
+    from pipeline.curves import with_lambda_max
+    from pipeline.run import Run
 
-    lik = ImageModality.likelihood
     base = lambda m: {"acc": 0.5}  # noqa: E731
-    assert with_lambda_max(base, "image", tiny_run, "badnets", lik) is base  # off by default
+    assert with_lambda_max(base, Run("image", tiny_run), "badnets") is base  # off by default
     on = copy.deepcopy(tiny_run)
     on["analysis"]["curve_lambda_steps"] = 6
     model, _ = ImageModality().load_model(Path(tiny_run["run_dir"]) / "image" / "models" / "badnets")
-    point = with_lambda_max(base, "image", on, "badnets", lik)(model)
+    point = with_lambda_max(base, Run("image", on), "badnets")(model)
     # the same batch and Lanczos run as the analyze stage: the same lambda_max
     stage = analyze_stage("image", on, "badnets", "backdoored")
     assert point["acc"] == 0.5 and point["lambda_max"] == pytest.approx(stage["lambda_max"], rel=1e-4)

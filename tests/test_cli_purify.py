@@ -26,7 +26,7 @@ def build(num_classes=10):
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "smoothpurify.cli", "purify", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "purify", *args], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=300)
 
 

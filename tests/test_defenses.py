@@ -355,7 +355,7 @@ CLEARLY_WORKS_ON_TINY = {"fp"}
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_defense_on_a_really_backdoored_model(tiny_params, name):
-    from smoothpurify import pipeline
+    import pipeline
 
     pipeline.prepare("image", tiny_params)
     pipeline.train_attack("image", tiny_params, "badnets", progress=False)

@@ -281,7 +281,7 @@ def test_same_seed_same_trigger(name, data):
 
 def test_learned_attack_through_the_pipeline(tiny_params):
     """A generator attack end to end: trained jointly, its weights saved, reloaded for evaluation."""
-    from smoothpurify import pipeline
+    import pipeline
 
     params = {**tiny_params, "image": {**tiny_params["image"], "train": {"epochs": 3, "lr": 0.05, "batch_size": 64}}}
     pipeline.prepare("image", params)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from smoothpurify import SmoothPurifyError, pipeline
+from smoothpurify import SmoothPurifyError
+import pipeline
 
 
 def test_prepare_train_evaluate(tiny_params):
@@ -36,9 +37,10 @@ def test_finished_stages_are_skipped(tiny_params):
     img["attack"] = {**img["attack"], "options": {"blend": {"alpha": 0.3}},
                      "variants": {"blend-50": {"attack": "blend", "poison_rate": 0.5}}}
     assert pipeline.train_attack("image", tiny_params, "benign", progress=False)["fingerprint"] == first["fingerprint"]
-    assert (pipeline._stage_params(tiny_params, "image", "badnets")
-            != pipeline._stage_params(tiny_params, "image", "blend")
-            != pipeline._stage_params(tiny_params, "image", "blend-50"))
+    mod = pipeline.Run("image", tiny_params).modality
+    assert (mod.training_params(tiny_params, "badnets")
+            != mod.training_params(tiny_params, "blend")
+            != mod.training_params(tiny_params, "blend-50"))
     img["train"] = {**img["train"], "epochs": 1}  # what the model does depend on: retrained
     assert pipeline.train_attack("image", tiny_params, "benign", progress=False)["fingerprint"] != first["fingerprint"]
 

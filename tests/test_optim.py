@@ -229,9 +229,9 @@ def test_sam_second_gradient_at_perturbed_point(adaptive):
         seen.append(w.detach().clone())
         return loss
 
-    closure()
-    opt.step(closure)
+    opt.step(closure)  # both evaluations happen inside the step: at w, then at w + e
 
+    torch.testing.assert_close(seen[0], w0)
     g0 = a @ w0 - b
     if adaptive:  # ASAM: e = rho T^2 g / ||T g||, T = |w|
         e = rho * w0 ** 2 * g0 / torch.linalg.vector_norm(w0.abs() * g0)

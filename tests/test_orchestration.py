@@ -50,9 +50,9 @@ def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump({"profile": "smoke", "profiles": {"smoke": {}}, "run_dir": str(tmp_path),
                                    "image": {"dataset": "gtsrb", "data_path": str(tmp_path / "nowhere")}}))
-    out = _run(["-m", "smoothpurify.cli", "prepare", "--params", str(bad)], ROOT)
+    out = _run(["-m", "pipeline.cli", "prepare", "--params", str(bad)], ROOT)
     assert out.returncode == 2 and out.stderr.strip() == f"error: dataset path not found: {tmp_path / 'nowhere'}"
-    out = _run(["-m", "smoothpurify.cli", "attack", "nosuch", "--params", str(bad)], ROOT)
+    out = _run(["-m", "pipeline.cli", "attack", "nosuch", "--params", str(bad)], ROOT)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown attack 'nosuch'" in out.stderr
     for flag in ("--attacks=badnets,nosuch", "--methods=ngf,nosuch"):  # the flow checks names before any work
         out = _run(["-m", "flows.image", "--params", str(bad), flag], ROOT)
@@ -62,13 +62,13 @@ def test_cli_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     ours = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert ours == [f"error: dataset path not found: {tmp_path / 'nowhere'}"]
-    out = _run(["-m", "smoothpurify.cli", "prepare", "--params", str(tmp_path / "none.yaml")], ROOT)
+    out = _run(["-m", "pipeline.cli", "prepare", "--params", str(tmp_path / "none.yaml")], ROOT)
     assert out.returncode == 2 and "parameters file not found" in out.stderr
 
 
 def test_cli_help_for_each_subcommand():
     for sub in ("prepare", "attack", "evaluate", "list"):
-        out = _run(["-m", "smoothpurify.cli", sub, "--help"], ROOT)
+        out = _run(["-m", "pipeline.cli", sub, "--help"], ROOT)
         assert out.returncode == 0 and "Usage" in out.stdout, out.stderr
 
 

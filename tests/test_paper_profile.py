@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoothpurify import pipeline
-from smoothpurify.analysis import analyze_stage
+import pipeline
+from pipeline.analysis import analyze_stage
 from smoothpurify.checkpoint import load_state
-from smoothpurify.modality import register_modality
-from smoothpurify.params import load_params
+from modalities.contract import register_modality
+from pipeline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

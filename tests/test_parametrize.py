@@ -179,7 +179,7 @@ def test_inplace_wraps_the_given_model():
 def test_baking_a_copy_leaves_the_working_model_parametrized():
     """Curves take lambda_max of a baked copy mid-tuning (paper profile: curve_every, curve_lambda_steps);
     ``remove_parametrizations`` on a deep copy would strip the shared class's weight property."""
-    from smoothpurify.curves import plain_copy
+    from pipeline.curves import plain_copy
 
     model, x = make()
     tuned = prepare(model, "spectral").eval()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from smoothpurify import SmoothPurifyError, pipeline
+from smoothpurify import SmoothPurifyError
+import pipeline
 from smoothpurify.likelihood import Categorical
 from smoothpurify.methods import PRESETS, method_config
 from smoothpurify.purify import diverged, purify

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from smoothpurify import pipeline
+import pipeline
 from smoothpurify.likelihood import Bernoulli, Categorical
-from smoothpurify.methods import make_runner, method_config
+from smoothpurify.methods import method_config
+from smoothpurify.runner import make_runner
 from smoothpurify.objective import Objective
 from smoothpurify.purify import collapsed, purify
 from tests.test_purify import TinyCNN, toy_data

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from conftest import tiny_images
 from smoothpurify.checkpoint import write_json
-from smoothpurify.report import print_table
-from smoothpurify.report_doc import METHOD_COLUMNS, REFERENCE, method_rows, smoothness_rows, write_report
+from pipeline.report.tables import print_table
+from pipeline.report.document import METHOD_COLUMNS, REFERENCE, method_rows, smoothness_rows, write_report
 
 SECTIONS = ["Data source", "Attack settings", "Purification results", "Smoothness", "Figures", "Parameters"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -68,9 +68,9 @@ def tiny_run(tmp_path_factory, one_thread):
     """The real stages on tiny data: benign + badnets, purified by ft and ngf, all four analysed."""
     from modalities.image import ImageModality
     from modalities.image import data as imdata
-    from smoothpurify import pipeline
-    from smoothpurify.analysis import analyze_stage
-    from smoothpurify.modality import register_modality
+    import pipeline
+    from pipeline.analysis import analyze_stage
+    from modalities.contract import register_modality
 
     register_modality("image", ImageModality)
     splits = {"train": tiny_images(1500, 0), "test": tiny_images(400, 1)}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.registry import Registry
 
 
 class SmallCNN(nn.Module):
@@ -146,19 +147,18 @@ def _timm_vit_small(num_classes: int, in_channels: int, image_size: int) -> nn.M
     return model
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS = Registry("model", {
     "small_cnn": lambda num_classes, in_channels, image_size: SmallCNN(num_classes, in_channels, image_size),
     "preact_resnet18": lambda num_classes, in_channels, image_size: PreActResNet18(num_classes, in_channels, image_size),
     "wrn16_1": lambda num_classes, in_channels, image_size: WideResNet(16, 1, num_classes, in_channels, image_size),
     "resnet34": _torchvision_resnet(34),
     "resnet50": _torchvision_resnet(50),
     "vit_s": _timm_vit_small,
-}
+})
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    if name not in MODELS:
-        raise SmoothPurifyError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    factory = MODELS.get_or_raise(name)
     if num_classes < 2:
         raise SmoothPurifyError(f"num_classes must be at least 2, got {num_classes}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from smoothpurify import SmoothPurifyError
+from smoothpurify.registry import Registry
 
 DefenseFn = Callable[..., Any]
-DEFENSES: dict[str, DefenseFn] = {}
+DEFENSES = Registry("defense")
 
 
 def register_defense(name: str) -> Callable[[DefenseFn], DefenseFn]:
-    def wrap(fn: DefenseFn) -> DefenseFn:
-        DEFENSES[name] = fn
-        return fn
-    return wrap
+    return DEFENSES.register(name)
 
 
 def _load_builtin() -> None:
@@ -39,6 +36,4 @@ def defense_names() -> list[str]:
 
 def get_defense(name: str) -> DefenseFn:
     _load_builtin()
-    if name not in DEFENSES:
-        raise SmoothPurifyError(f"unknown defense {name!r}; choose one of: {', '.join(DEFENSES) or 'none'}")
-    return DEFENSES[name]
+    return DEFENSES.get_or_raise(name)

@@ -1,7 +1,8 @@
 """Optimizers of the purification loop: SGD / Adam (torch), SAM (FT-SAM), natural gradient (NGF).
 
 ``make_optimizer`` turns a configuration name into an optimizer, so that the choice of optimizer
-is configuration, not code (DESIGN.md sec. 3).
+is configuration, not code. Every optimizer is driven the same way, ``step(closure)``: what is special
+about one (SAM's second evaluation, the natural gradient's curvature update) happens inside it.
 """
 from __future__ import annotations
 

@@ -157,9 +157,14 @@ class NaturalGradient(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One natural-gradient step. A closure with a ``curvature(optimizer)`` method first gives
+        this optimizer the batch's Fisher (``update_fisher`` or ``update_kfac``), so the loop calls
+        ``step(closure)`` as for any optimizer; then the closure computes the gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
+                if hasattr(closure, "curvature"):
+                    closure.curvature(self)
                 loss = closure()
         for group in self.param_groups:
             params = group["params"]

@@ -35,8 +35,7 @@ class SAM(Optimizer):
             loss = loss_fn(model(x), y)
             loss.backward()
             return loss
-        closure()          # gradient at w (optional: step() computes it if no grad is present)
-        opt.step(closure)  # the closure is evaluated again at w + e
+        opt.step(closure)  # the closure is evaluated at w, then at w + e
 
     Or call ``first_step()``, backward at the perturbed point, ``second_step()`` by hand.
     """
@@ -95,18 +94,17 @@ class SAM(Optimizer):
             self.zero_grad()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One SAM step; returns the closure's loss at the perturbed point ``L(w + e)``.
+        """One SAM step, both evaluations inside: the closure at ``w`` (the ascent direction needs
+        this step's gradient, never a stale one), then at ``w + e``; returns the loss at ``w``.
 
-        The closure must clear the gradients, recompute the loss and call ``backward()``. If no
-        parameter holds a gradient yet, the closure is first evaluated at ``w`` as well.
+        The closure must clear the gradients, recompute the loss and call ``backward()``.
         """
         if closure is None:
             raise RuntimeError("SAM.step() needs a closure that re-evaluates the loss and calls backward()")
         closure = torch.enable_grad()(closure)
-        if all(p.grad is None for g in self.param_groups for p in g["params"]):
-            closure()
-        self.first_step(zero_grad=True)
         loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
         self.second_step()
         return loss
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from modalities.base import Attack, build_attack
+from smoothpurify.registry import Registry
+from modalities.contract import Attack
 from modalities.image.attacks.blend import SIG, Blend
 from modalities.image.attacks.bppa import BPPA
 from modalities.image.attacks.cba import CBA
@@ -20,9 +21,9 @@ from modalities.image.attacks.mixture import Mixture
 from modalities.image.attacks.patch import BadNets, Trojan
 from modalities.image.attacks.wanet import WaNet
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (
-    BadNets, Blend, Trojan, SIG, CLB, Dynamic, DynamicAll, WaNet, LIRA, ISSBA, BPPA, CBA, FBA, Mixture)}
+ATTACKS = Registry("attack", {cls.name: cls for cls in (
+    BadNets, Blend, Trojan, SIG, CLB, Dynamic, DynamicAll, WaNet, LIRA, ISSBA, BPPA, CBA, FBA, Mixture)})
 
 
 def create_attack(name: str, **kwargs: Any) -> Attack:
-    return build_attack(ATTACKS, name, **kwargs)
+    return ATTACKS.get_or_raise(name)(**kwargs)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from modalities.base import Attack
+from modalities.contract import Attack
 
 
 class Blend(Attack):

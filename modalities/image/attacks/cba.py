@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from smoothpurify import SmoothPurifyError
-from modalities.base import Attack
+from modalities.contract import Attack
 
 
 class CBA(Attack):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from smoothpurify import SmoothPurifyError
-from modalities.base import Attack
+from modalities.contract import Attack
 
 DEFAULT_COMPONENTS = ("badnets", "blend", "trojan")
 

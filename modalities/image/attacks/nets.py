@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modalities.base import Attack
+from modalities.contract import Attack
 from modalities.image.augment import random_shift
 
 PREFIX = "net."

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modalities.base import Attack
+from modalities.contract import Attack
 
 
 class WaNet(Attack):

@@ -1,4 +1,11 @@
-"""Helpers shared by modalities: the attack interface every modality's attacks follow.
+"""The modality contract: what a modality plugin provides, the Attack base its attacks follow, and
+the registry that finds modalities by name.
+
+Modalities are plugins: each package under ``modalities/`` declares an entry point in the group
+``smoothpurify.modalities`` (pyproject.toml) and implements :class:`Modality`. The pipeline, CLI,
+tasks and flows call :func:`get_modality` with a name; the library (``smoothpurify``) never sees a
+modality. A modality imports ``smoothpurify``, this module and :mod:`modalities.kit`, never another
+modality. ``modalities.testing`` is the conformance suite every modality must pass.
 
 An attack is one class: ``apply`` (put the trigger on inputs), ``target_of`` (label mapping),
 ``poison_training_set`` and ``poisoned_test_set``; its trigger lives in ``trigger`` (a dict of
@@ -7,12 +14,21 @@ Triggers are drawn from a generator seeded by the attack's seed, so they are det
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.likelihood import Likelihood
+from smoothpurify.metrics import Metric
+from smoothpurify.registry import Registry
+
+ENTRY_POINT_GROUP = "smoothpurify.modalities"
+BENIGN = "benign"  # the clean reference model's name wherever an attack name is expected
 
 MAPPINGS = ("all2one", "all2all")
 
@@ -121,7 +137,95 @@ class Attack:
         self.trigger = {k: state[k] for k in self.trigger}
 
 
-def build_attack(registry: dict[str, type[Attack]], name: str, **kwargs: Any) -> Attack:
-    if name not in registry:
-        raise SmoothPurifyError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(registry))}")
-    return registry[name](**kwargs)
+@runtime_checkable
+class Modality(Protocol):
+    """Everything the pipeline asks of a modality. Data are tensors: ``inputs`` (a tensor or a tuple
+    of tensors) and ``targets``. :class:`modalities.kit.ClassifierModality` implements the generic
+    half; ``modalities.testing`` checks a modality against this contract."""
+
+    name: str
+    likelihood: Likelihood
+    metrics: tuple[Metric, ...]  # what ``evaluate`` returns, each with its direction (reports use it)
+
+    # -- configuration (the modality's section of params.yaml)
+    def config(self, params: dict[str, Any] | None) -> Any:
+        """The validated section; a bad value raises one :class:`SmoothPurifyError` line."""
+
+    def data_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The part of the params that shapes the prepared data (the prepare stage's fingerprint)."""
+
+    def training_params(self, params: dict[str, Any], attack: str) -> dict[str, Any]:
+        """The part of the params that training ``attack``'s (or the benign) model depends on."""
+
+    # -- data
+    def prepare_data(self, params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+        """Build train / val (clean, held out) / test splits under ``out_dir``; return their metadata
+        (``source``, ``num_classes``, ``input_shape``, ``sizes``), also written to ``data.json``."""
+
+    def data_meta(self, data_dir: Path) -> dict[str, Any]:
+        """The metadata :meth:`prepare_data` wrote."""
+
+    def load_split(self, data_dir: Path, split: str) -> tuple[Any, torch.Tensor]:
+        """Read back one split written by :meth:`prepare_data`: ``(inputs, targets)``."""
+
+    def load_user_data(self, path: Path, **options: Any) -> tuple[Any, torch.Tensor]:
+        """A user's own clean (or poisoned) data from a local path, for ``smoothpurify purify``."""
+
+    def augment(self, inputs: Any, generator: torch.Generator) -> Any:
+        """The training-time augmentation, applied to clean batches during purification (methods with
+        ``augment: true``); return ``inputs`` unchanged where the modality has none."""
+
+    # -- models
+    def model_names(self) -> list[str]: ...
+
+    def create_model(self, name: str, **kwargs: Any) -> nn.Module:
+        """Model factory; unknown names raise :class:`SmoothPurifyError`."""
+
+    def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
+        """What :meth:`create_model` needs besides ``num_classes``, from one input's shape."""
+
+    def train_model(self, params: dict[str, Any], data_dir: Path, attack_name: str | None, out_dir: Path,
+                    progress: bool = True) -> dict[str, Any]:
+        """Train the benign (``attack_name`` None) or a backdoored model; write ``model.safetensors``
+        (and ``trigger.safetensors``) under ``out_dir``; return the model's metadata."""
+
+    def load_model(self, model_dir: Path) -> tuple[nn.Module, dict[str, Any]]: ...
+
+    # -- attacks
+    def attack_names(self, params: dict[str, Any] | None = None) -> list[str]:
+        """Registered attacks, plus the variants ``params`` names (settings of registered ones)."""
+
+    def create_attack(self, name: str, params: dict[str, Any], data_meta: dict[str, Any]) -> Attack: ...
+
+    def load_attack(self, attack_dir: Path, data_meta: dict[str, Any]) -> Attack:
+        """The attack whose trigger was saved in ``attack_dir`` by :meth:`train_model`."""
+
+    # -- evaluation (reporting only: never steers a purification)
+    def poisoned_test(self, data_dir: Path, attack: Attack) -> tuple[tuple[Any, torch.Tensor], tuple]:
+        """``((x, y), (x_poisoned, y_true, y_target))`` over the test split."""
+
+    def evaluate(self, model: nn.Module, data_dir: Path, attack: Attack, device: str = "cpu") -> dict[str, float]:
+        """One value per entry of :attr:`metrics`, keyed by ``Metric.key``."""
+
+
+MODALITIES = Registry("modality")  # in-process registrations; installed ones come from entry points
+
+
+def register_modality(name: str, modality_cls: Any) -> None:
+    """Register in-process (tests, notebooks, a GPU box without the package installed)."""
+    MODALITIES[name] = modality_cls
+
+
+def available_modalities() -> list[str]:
+    return sorted(set(MODALITIES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def get_modality(name: str) -> Modality:
+    """A fresh instance of the modality ``name``."""
+    if name not in MODALITIES:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            raise SmoothPurifyError(
+                f"unknown modality {name!r}; installed: {', '.join(available_modalities()) or 'none'}")
+        MODALITIES[name] = found[0].load()
+    return MODALITIES[name]()

@@ -1,4 +1,4 @@
-"""Smoothness analysis of one model on one fixed batch, and the pipeline stage that runs it.
+"""Smoothness analysis of one model on one fixed batch (the library half; the stage is pipeline.analysis).
 
 The batch (SFT appendix A.2.2): clean test samples plus poisoned test inputs with their *true*
 labels. A backdoored model is fitted to poisoned inputs with the *target* label, so measured on its
@@ -18,15 +18,10 @@ All estimators share one Hessian-vector-product graph (``hessian.HessianOperator
   strongly indefinite on this batch and the per-probe spread is large (smoke: -508 +- 369 with 24
   probes, against 149 +- 13 for the benign model): read Tr(H) with its stderr.
 * Tr(F) (empirical Fisher) is exact, not sampled.
-
-Modalities are reached only through :func:`smoothpurify.modality.get_modality`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -34,20 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.checkpoint import load_meta, load_state, save_checkpoint, write_json
-from smoothpurify.hessian import (HessianOperator, _density, _hutchinson, _lanczos, _top_eigenvalues,
-                                  fisher_trace_value)
+from smoothpurify.hessian import HessianOperator, fisher_trace_value, slq_density
 from smoothpurify.model import call_model
-from smoothpurify.modality import get_modality
-from smoothpurify.params import fingerprint
-from smoothpurify.training import index_inputs, num_samples, to_device
+from smoothpurify.training import index_inputs
 
-__all__ = ["AnalysisSettings", "analysis_settings", "build_analysis_batch", "analysis_batch", "analyze_model",
-           "analyze_stage", "density_from_record", "model_dir", "model_slug", "analysis_path", "BACKDOORED",
+__all__ = ["AnalysisSettings", "analysis_settings", "build_analysis_batch", "analyze_model", "density_from_record",
            "RUNTIME_KEYS"]
 
-BENIGN = "benign"  # same name as pipeline.BENIGN; not imported, so pipeline may import this module
-BACKDOORED = "backdoored"  # alias of the attack's own model (fixed names make DVC matrices simple)
 # Settings that change how/whether the stage runs, not the numbers: kept out of fingerprints.
 RUNTIME_KEYS = frozenset({"curve_lambda_steps", "threads", "enabled"})
 
@@ -126,54 +114,6 @@ def build_analysis_batch(clean_x: Any, clean_y: torch.Tensor, poisoned_x: Any, p
     return inputs, targets, mask
 
 
-def _root(params: dict[str, Any], modality: str) -> Path:
-    return Path(params.get("run_dir", "runs")) / modality
-
-
-def _text(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
-def _save_batch(path: Path, inputs: Any, targets: torch.Tensor, mask: torch.Tensor, meta: dict[str, Any]) -> None:
-    tensors = ({f"inputs.{i}": t for i, t in enumerate(inputs)} if isinstance(inputs, (tuple, list))
-               else {"inputs": inputs})
-    save_checkpoint(path, {**tensors, "targets": targets, "poisoned": mask}, meta)
-
-
-def _load_batch(path: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    state = load_state(path)
-    if "inputs" in state:
-        inputs: Any = state["inputs"]
-    else:
-        inputs = tuple(state[f"inputs.{i}"] for i in range(sum(k.startswith("inputs.") for k in state)))
-    return inputs, state["targets"], state["poisoned"].bool()
-
-
-def analysis_batch(modality: str, params: dict[str, Any], attack: str,
-                   force: bool = False) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """The attack's fixed analysis batch, built from the test split on first use and then reused.
-
-    Saved to ``runs/<m>/analysis/<attack>/batch.safetensors``; rebuilt only when the data, the
-    trigger or the batch settings change (fingerprint in the sidecar).
-    """
-    s = analysis_settings(params.get("analysis"))
-    root = _root(params, modality)
-    path = root / "analysis" / attack / "batch.safetensors"
-    seed = int(params.get("seed", 0))
-    fp = fingerprint(s.n_clean, s.n_poison, seed, _text(root / "data" / "data.json"),
-                     _text(root / "models" / attack / "trigger.json"))
-    if not force and path.is_file() and load_meta(path).get("fingerprint") == fp:
-        return _load_batch(path)
-    mod = get_modality(modality)
-    data_dir = root / "data"
-    trigger = mod.load_attack(root / "models" / attack, mod.data_meta(data_dir))
-    x, y = mod.load_split(data_dir, "test")
-    xp, yp_true, _ = trigger.poisoned_test_set(x, y)
-    inputs, targets, mask = build_analysis_batch(x, y, xp, yp_true, s.n_clean, s.n_poison, seed)
-    _save_batch(path, inputs, targets, mask, {"fingerprint": fp, "attack": attack, "split": "test",
-                                              "n_clean": s.n_clean, "n_poison": s.n_poison, "seed": seed})
-    return inputs, targets, mask
-
 
 # -- the analysis of one model -----------------------------------------------------------------------
 
@@ -205,7 +145,7 @@ def density_from_record(record: dict[str, Any], grid: int | None = None) -> dict
     """Smoothed spectral density from a record's stored SLQ nodes and weights (deterministic)."""
     nodes = torch.tensor(record["slq_nodes"], dtype=torch.float64)
     weights = torch.tensor(record["slq_weights"], dtype=torch.float64)
-    g, d = _density(nodes, weights, int(grid or record.get("settings", {}).get("grid", 400)), None)
+    g, d = slq_density(nodes, weights, int(grid or record.get("settings", {}).get("grid", 400)), None)
     return {"grid": g.tolist(), "values": d.tolist()}
 
 
@@ -223,14 +163,14 @@ def analyze_model(model: nn.Module, inputs: Any, targets: torch.Tensor, likeliho
     params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
     start = time.perf_counter()
     with HessianOperator(model, inputs, targets, likelihood, params) as op:
-        runs = [_lanczos(op, s.lanczos_steps, gen) for _ in range(s.slq_probes)]
-        top = (_top_eigenvalues(op, s.k, s.max_iter, s.tol, gen) if s.lambda_method == "power"
+        runs = [op.lanczos(s.lanczos_steps, gen) for _ in range(s.slq_probes)]
+        top = (op.top_eigenvalues(s.k, s.max_iter, s.tol, gen) if s.lambda_method == "power"
                else _ritz_top(runs, s.k))
-        trace = _hutchinson(op, s.n_probes, s.trace_tol, gen)
+        trace = op.hutchinson(s.n_probes, s.trace_tol, gen)
         n_hvp, dim = op.n_hvp, op.dim
     nodes = torch.cat([n for n, _ in runs])
     weights = torch.cat([w for _, w in runs]) / s.slq_probes
-    grid, density = _density(nodes, weights, s.grid, None)
+    grid, values = slq_density(nodes, weights, s.grid, None)
     trace_f = fisher_trace_value(model, inputs, targets, likelihood, params) if s.fisher else None
     seconds = time.perf_counter() - start
     return {
@@ -239,87 +179,6 @@ def analyze_model(model: nn.Module, inputs: Any, targets: torch.Tensor, likeliho
         **_part_losses(model, inputs, targets, likelihood, poisoned),
         "n_hvp": n_hvp, "n_params": dim, "seconds": round(seconds, 3),
         "slq_nodes": nodes.tolist(), "slq_weights": weights.tolist(),
-        "density": {"grid": grid.tolist(), "values": density.tolist()},
+        "density": {"grid": grid.tolist(), "values": values.tolist()},
         "settings": s.model_dump(), "seed": int(seed),
     }
-
-
-# -- the pipeline stage ------------------------------------------------------------------------------
-
-def model_slug(model_name: str, attack: str) -> str:
-    """File-name form: ``benign``, ``backdoored`` (the attack's model), ``purified-<method>``."""
-    return BACKDOORED if model_name == attack else model_name.replace("/", "-")
-
-
-def model_dir(root: Path, attack: str, model_name: str) -> Path:
-    """``benign`` -> models/benign; ``<attack>`` or ``backdoored`` -> models/<attack>;
-    ``purified/<m>`` -> purified/<attack>/<m>."""
-    if model_name == BENIGN:
-        return root / "models" / BENIGN
-    if model_name in (attack, BACKDOORED):
-        return root / "models" / attack
-    if model_name.startswith("purified/") and model_name.count("/") == 1 and model_name.split("/")[1]:
-        return root / "purified" / attack / model_name.split("/")[1]
-    raise SmoothPurifyError(f"cannot analyse model {model_name!r} under attack {attack!r}; "
-                            f"use 'benign', 'backdoored' (= {attack!r}) or 'purified/<method>'")
-
-
-def analysis_path(root: Path, attack: str, model_name: str) -> Path:
-    return root / "metrics" / "analysis" / f"{attack}-{model_slug(model_name, attack)}.json"
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def analyze_stage(modality: str, params: dict[str, Any], attack: str, model_name: str,
-                  force: bool = False) -> dict[str, Any]:
-    """Analyse one model on ``attack``'s fixed batch and return the full record.
-
-    ``model_name``: ``benign``, ``backdoored`` (or the attack's name) or ``purified/<method>``.
-    Writes ``metrics/analysis/<attack>-{benign,backdoored,purified-<method>}.json`` (density left
-    out: it is recomputed from the stored SLQ nodes).
-
-    Skipped when the model file, the batch and the settings are unchanged.
-    """
-    s = analysis_settings(params.get("analysis"))
-    root = _root(params, modality)
-    model_name = attack if model_name == BACKDOORED else model_name
-    mdir = model_dir(root, attack, model_name)
-    weights = mdir / "model.safetensors"
-    if not weights.is_file():
-        stage = "purify" if model_name.startswith("purified/") else "attack"
-        raise SmoothPurifyError(f"no model at {weights}; run the {stage} stage for {model_name!r} first")
-    inputs, targets, mask = analysis_batch(modality, params, attack)
-    out = analysis_path(root, attack, model_name)
-    batch_fp = load_meta(root / "analysis" / attack / "batch.safetensors").get("fingerprint")
-    fp = fingerprint(s.model_dump(exclude=set(RUNTIME_KEYS)), params.get("seed", 0), batch_fp,
-                     _file_hash(weights))
-    if not force and out.is_file():
-        try:
-            old = json.loads(out.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") == fp:
-            return {**old, "density": density_from_record(old)}
-    mod = get_modality(modality)
-    model, _ = mod.load_model(mdir)
-    device = (params.get(modality) or {}).get("device", "cpu")
-    model = model.to(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads or threads)
-    try:
-        result = analyze_model(model, to_device(inputs, device), targets.to(device), mod.likelihood, s,
-                               seed=int(params.get("seed", 0)), poisoned=mask)
-    finally:
-        torch.set_num_threads(threads)
-    record = {"modality": modality, "attack": attack, "model": model_name,
-              "batch": {"path": str(root / "analysis" / attack / "batch.safetensors"),
-                        "n_clean": int((~mask).sum()), "n_poison": int(mask.sum()), "size": num_samples(inputs)},
-              **{k: v for k, v in result.items() if k != "density"}, "fingerprint": fp}
-    write_json(out, record)
-    return {**record, "density": result["density"]}

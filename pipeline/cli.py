@@ -18,7 +18,7 @@ ProfileOpt = typer.Option(None, "--profile", help="params.yaml profile (default:
 
 
 def _params(params: Path, profile: Optional[str]) -> dict:
-    from smoothpurify.params import load_params
+    from pipeline.params import load_params
 
     return load_params(params, profile)
 
@@ -26,7 +26,7 @@ def _params(params: Path, profile: Optional[str]) -> dict:
 @app.command("list")
 def list_plugins(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Installed modalities with their models and attacks (plus the variants PARAMS names, if it exists)."""
-    from smoothpurify.modality import available_modalities, get_modality
+    from modalities.contract import available_modalities, get_modality
 
     p = _params(params, profile) if params.is_file() else None
     for name in available_modalities():
@@ -39,7 +39,7 @@ def list_plugins(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) 
 def prepare(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
             force: bool = typer.Option(False, help="rebuild even if current")) -> None:
     """Build the train / clean-validation / test splits under runs/<modality>/data."""
-    from smoothpurify import pipeline
+    import pipeline
 
     meta = pipeline.prepare(modality, _params(params, profile), force=force)
     typer.echo(f"data from {meta['source']}: {meta['sizes']}")
@@ -50,7 +50,7 @@ def attack(name: str = typer.Argument(..., help="attack name, or 'benign' for th
            modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
            force: bool = typer.Option(False, help="retrain even if current")) -> None:
     """Train a model backdoored by NAME (or the benign model) on the prepared data."""
-    from smoothpurify import pipeline
+    import pipeline
 
     p = _params(params, profile)
     mod_names = _modality(modality).attack_names(p)
@@ -64,12 +64,12 @@ def attack(name: str = typer.Argument(..., help="attack name, or 'benign' for th
 def evaluate(name: str = typer.Argument(..., help="attack whose model and trigger to evaluate"),
              modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """ACC / ASR / RA of the benign and the NAME-backdoored model, under NAME's trigger."""
-    from smoothpurify import pipeline
-    from smoothpurify.report import ATTACK_COLUMNS, attack_rows, print_table
+    import pipeline
+    from pipeline.report.tables import ATTACK_COLUMNS, attack_rows, print_table
 
     p = _params(params, profile)
     pipeline.evaluate(modality, p, name)
-    print_table(attack_rows(pipeline.run_root(p, modality) / "metrics", [name]), f"{modality}: {name}", ATTACK_COLUMNS)
+    print_table(attack_rows(pipeline.Run(modality, p), [name]), f"{modality}: {name}", ATTACK_COLUMNS)
 
 
 def _parse_normalize(text: Optional[str]):
@@ -109,9 +109,10 @@ def purify(
     seed: int = typer.Option(0),
 ) -> None:
     """Purify your own checkpoint on a little clean data; report ACC/ASR/RA before and after."""
-    from smoothpurify.methods import PRESETS, RECOMMENDED_FROM, make_runner
-    from smoothpurify.own_checkpoint import purify_checkpoint
-    from smoothpurify.report import print_table
+    from smoothpurify.methods import PRESETS, RECOMMENDED_FROM
+    from smoothpurify.runner import make_runner
+    from pipeline.own_checkpoint import purify_checkpoint
+    from pipeline.report.tables import print_table
 
     mod = _modality(modality)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
@@ -145,7 +146,7 @@ def analyze(name: str = typer.Argument(..., help="attack whose fixed clean+poiso
             modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
             force: bool = typer.Option(False, help="recompute even if current")) -> None:
     """lambda_max, Tr(H), Tr(F) of one model on the attack's fixed analysis batch."""
-    from smoothpurify.analysis import analyze_stage
+    from pipeline.analysis import analyze_stage
 
     rec = analyze_stage(modality, _params(params, profile), name, model, force=force)
     trf = "-" if rec["trace_f"] is None else f"{rec['trace_f']:.4g}"
@@ -158,15 +159,15 @@ def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optio
            attacks: Optional[str] = typer.Option(None, help="comma-separated (default: params)"),
            methods: Optional[str] = typer.Option(None, help="comma-separated (default: purify.methods)")) -> None:
     """Write runs/<modality>/report.md and report.html; print the method table."""
-    from smoothpurify.report import print_table
-    from smoothpurify.report_doc import METHOD_COLUMNS, method_rows, write_report
+    from pipeline.report.tables import print_table
+    from pipeline.report.document import method_columns, method_rows, write_report
 
     p = _params(params, profile)
     att = attacks.split(",") if attacks else p[modality]["attacks"]
     meth = methods.split(",") if methods else (p.get("purify") or {}).get("methods") or []
     md, page = write_report(modality, p, att, meth)
     print_table(method_rows(modality, p, att, meth, mark_best=True),
-                f"{modality}: purification (* best per attack)", METHOD_COLUMNS)
+                f"{modality}: purification (* best per attack)", method_columns(_modality(modality).metrics))
     typer.echo(f"report: {md} and {page}")
 
 
@@ -177,7 +178,7 @@ def fetch_data(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: O
 
 
 def _modality(name: str):
-    from smoothpurify.modality import get_modality
+    from modalities.contract import get_modality
 
     return get_modality(name)
 

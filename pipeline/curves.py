@@ -1,6 +1,6 @@
 """Purification curves: lambda_max alongside ASR/ACC during tuning, and CSV for ``dvc plots``.
 
-``pipeline.purify`` passes an ``evaluate(model) -> metrics`` callback to the tuning loop, which
+``pipeline.stages.purify`` passes an ``evaluate(model) -> metrics`` callback to the tuning loop, which
 calls it every ``purify.curve_every`` epochs and stores the results in the record's ``curves``.
 :func:`curve_evaluator` wraps that callback so each point also carries ``lambda_max`` on the
 analysis batch; :func:`write_curves_csv` turns the stored points into the CSV ``dvc plots`` reads.
@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from smoothpurify.hessian import HessianOperator, _lanczos
+from smoothpurify.hessian import HessianOperator
 from smoothpurify.parametrize import bake_parametrizations
+from smoothpurify.smoothness import analysis_settings
 from smoothpurify.training import to_device
 
 __all__ = ["CURVE_FIELDS", "write_curves_csv", "curve_evaluator", "lambda_max_fn", "plain_copy", "with_lambda_max"]
@@ -27,7 +28,7 @@ def write_curves_csv(curves: Sequence[dict[str, Any]] | dict[str, Any], path: Pa
 
     Accepts the ``curves`` list or a whole purify record.
     """
-    from smoothpurify.plots import write_csv  # lazy: keeps matplotlib out of the purify stage's imports
+    from pipeline.report.plots import write_csv  # lazy: keeps matplotlib out of the purify stage's imports
 
     points = curves.get("curves", []) if isinstance(curves, dict) else curves
     return write_csv(Path(path), CURVE_FIELDS, [[p.get(f) for f in CURVE_FIELDS] for p in points])
@@ -66,19 +67,19 @@ def lambda_max_fn(inputs: Any, targets: torch.Tensor, likelihood: Any, steps: in
         params = {n: p for n, p in plain.named_parameters() if p.is_floating_point()}
         gen = torch.Generator().manual_seed(seed)
         with HessianOperator(plain, to_device(inputs, device), targets.to(device), likelihood, params) as op:
-            nodes, _ = _lanczos(op, steps, gen)
+            nodes, _ = op.lanczos(steps, gen)
         return float(nodes.max())
     return value
 
 
-def with_lambda_max(base_evaluate: Callable[[nn.Module], dict[str, float]], modality: str, params: dict[str, Any],
-                    attack: str, likelihood: Any) -> Callable[[nn.Module], dict[str, float]]:
+def with_lambda_max(base_evaluate: Callable[[nn.Module], dict[str, float]], run: Any,
+                    attack: str) -> Callable[[nn.Module], dict[str, float]]:
     """``base_evaluate``, plus lambda_max on ``attack``'s analysis batch when params
     ``analysis.curve_lambda_steps`` > 0 (builds the batch if the analyze stage has not yet)."""
-    from smoothpurify.analysis import analysis_batch, analysis_settings
+    from pipeline.analysis import analysis_batch  # noqa: PLC0415 - the analysis stage imports this module's CSV
 
-    steps = analysis_settings(params.get("analysis")).curve_lambda_steps
+    steps = analysis_settings(run.params.get("analysis")).curve_lambda_steps
     if not steps:
         return base_evaluate
-    inputs, targets, _ = analysis_batch(modality, params, attack)
-    return curve_evaluator(base_evaluate, lambda_max_fn(inputs, targets, likelihood, steps, int(params.get("seed", 0))))
+    inputs, targets, _ = analysis_batch(run.modality_name, run.params, attack)
+    return curve_evaluator(base_evaluate, lambda_max_fn(inputs, targets, run.modality.likelihood, steps, run.seed))

@@ -17,30 +17,37 @@ from typing import Any, Callable
 
 import yaml
 
-from smoothpurify.analysis import BENIGN, RUNTIME_KEYS, analysis_path, analysis_settings, density_from_record
 from smoothpurify.checkpoint import atomic_write
+from smoothpurify.metrics import BACKDOOR_METRICS, Metric
+from smoothpurify.smoothness import RUNTIME_KEYS, analysis_settings, density_from_record
+from pipeline.run import BENIGN, Run
 
 __all__ = ["METHOD_COLUMNS", "SMOOTHNESS_COLUMNS", "method_rows", "smoothness_rows", "make_figures", "write_report"]
 
 REFERENCE = "no defense"  # the undefended model's row
-METHOD_COLUMNS = [("attack", "attack"), ("method", "method"), ("asr", "ASR %"), ("acc", "ACC %"), ("ra", "RA %"),
-                  ("seconds", "seconds")]
+
+
+def method_columns(metrics: tuple[Metric, ...]) -> list[tuple[str, str]]:
+    """The purification table's columns for a modality's metrics."""
+    return [("attack", "attack"), ("method", "method"), *((m.key, m.label) for m in metrics), ("seconds", "seconds")]
+
+
+METHOD_COLUMNS = method_columns(BACKDOOR_METRICS)
 SMOOTHNESS_COLUMNS = [("attack", "attack"), ("model", "model"), ("lambda_max", "lambda_max"), ("trace_h", "Tr(H)"),
                       ("trace_h_stderr", "Tr(H) stderr"), ("trace_f", "Tr(F)"), ("loss", "batch loss"),
                       ("n_hvp", "HVPs"), ("seconds", "seconds")]
-# Which direction is better per column; the undefended reference row never competes.
-BEST: dict[str, Callable[[list[float]], float]] = {"asr": min, "acc": max, "ra": max, "seconds": min}
 
 
-def _root(params: dict[str, Any], modality: str) -> Path:
-    return Path(params.get("run_dir", "runs")) / modality
+def best_rules(metrics: tuple[Metric, ...]) -> dict[str, Callable[[list[float]], float]]:
+    """Which direction is better per column, from the metrics' own directions (and time: less)."""
+    return {**{m.key: (max if m.higher_is_better else min) for m in metrics}, "seconds": min}
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _best_sentence(metrics: tuple[Metric, ...]) -> str:
+    low = [m.label.replace(" %", "") for m in metrics if not m.higher_is_better]
+    high = [m.label.replace(" %", "") for m in metrics if m.higher_is_better]
+    parts = ([f"lowest {' and '.join(low)}"] if low else []) + ([f"highest {' and '.join(high)}"] if high else [])
+    return "Best per attack in bold: " + ", ".join(parts + ["lowest seconds"]) + "."
 
 
 def _pct(value: Any) -> float | None:
@@ -65,8 +72,9 @@ def _fmt(value: Any) -> str:
 
 # -- tables ------------------------------------------------------------------------------------------
 
-def _mark_best(group: list[dict[str, Any]]) -> None:
-    for key, pick in BEST.items():
+def _mark_best(group: list[dict[str, Any]], rules: dict[str, Callable[[list[float]], float]]) -> None:
+    # The undefended reference row never competes.
+    for key, pick in rules.items():
         contenders = [r for r in group if not r.get("reference") and not r.get("diverged")]
         values = [r[key] for r in contenders if r.get(key) is not None]
         # A lone method is not "best" at anything, and nor is anyone in a column where all tie.
@@ -85,33 +93,34 @@ def method_rows(modality: str, params: dict[str, Any], attacks: list[str], metho
     within the attack: lowest ASR, highest ACC and RA, lowest seconds; ties all marked; never a diverged run),
     reference, diverged (the clean validation loss blew up: method shown as "<name> (diverged)").
     With ``mark_best`` the numbers become strings and the best ones rich markup (bold green, *),
-    ready for ``smoothpurify.report.print_table(rows, title, METHOD_COLUMNS)``.
+    ready for ``pipeline.report.tables.print_table(rows, title, METHOD_COLUMNS)``.
     """
-    root = _root(params, modality)
+    run = Run(modality, params)
+    metrics = run.modality.metrics
+    values = lambda rec: {m.key: _pct(rec.get(m.key)) if m.percent else rec.get(m.key) for m in metrics}  # noqa: E731
     rows: list[dict[str, Any]] = []
     for attack in attacks:
-        records = [(m, _read(root / "metrics" / "purify" / f"{attack}-{m}.json")) for m in methods]
+        records = [(m, run.read_json(run.purify_metrics(attack, m))) for m in methods]
         records = [(m, r) for m, r in records if r]
         # Every method starts from the same backdoored model and test set, so any "before" serves.
         before = next((r["before"] for _, r in records if r.get("before")), None) \
-            or (_read(root / "metrics" / f"{attack}.json") or {}).get("backdoored")
+            or (run.read_json(run.attack_metrics(attack)) or {}).get("backdoored")
         group = []
         if before:
-            group.append({"attack": attack, "method": REFERENCE, **{k: _pct(before.get(k)) for k in ("asr", "acc", "ra")},
+            group.append({"attack": attack, "method": REFERENCE, **values(before),
                           "setup_s": None, "tuning_s": None, "seconds": None, "best": [], "reference": True})
         for method, rec in records:
-            after = rec.get("after") or {}
             group.append({"attack": attack, "method": f"{method} (diverged)" if rec.get("diverged") else method,
-                          **{k: _pct(after.get(k)) for k in ("asr", "acc", "ra")},
+                          **values(rec.get("after") or {}),
                           "setup_s": _seconds(rec, "setup"), "tuning_s": _seconds(rec, "tuning"),
                           "seconds": _seconds(rec), "best": [], "reference": False,
                           "diverged": bool(rec.get("diverged"))})
-        _mark_best(group)
+        _mark_best(group, best_rules(metrics))
         rows += group
     if not mark_best:
         return rows
     return [{**r, **{k: (f"[bold green]{_fmt(r[k])} *[/]" if k in r["best"] else _fmt(r[k]))
-                     for k in ("asr", "acc", "ra", "seconds")}} for r in rows]
+                     for k in [*(m.key for m in metrics), "seconds"]}} for r in rows]
 
 
 def _model_role(name: str, attack: str) -> str:
@@ -129,13 +138,13 @@ def _model_names(attack: str, methods: list[str]) -> list[str]:
 def smoothness_rows(modality: str, params: dict[str, Any], attacks: list[str],
                     methods: list[str]) -> list[dict[str, Any]]:
     """One row per analysed model: benign (reference), backdoored (before), each purified (after)."""
-    root = _root(params, modality)
+    run = Run(modality, params)
     # Numbers from other estimator settings (an older run) do not compare: say so in the row.
     current = analysis_settings(params.get("analysis")).model_dump(exclude=set(RUNTIME_KEYS))
     rows = []
     for attack in attacks:
         for name in _model_names(attack, methods):
-            rec = _read(analysis_path(root, attack, name))
+            rec = run.read_json(run.analysis_record(attack, name))
             if rec:
                 stale = {k: v for k, v in (rec.get("settings") or {}).items() if k not in RUNTIME_KEYS} != current
                 rows.append({"attack": attack, "model": _model_role(name, attack) + (" [other settings]" if stale else ""),
@@ -145,25 +154,24 @@ def smoothness_rows(modality: str, params: dict[str, Any], attacks: list[str],
 
 # -- figures -----------------------------------------------------------------------------------------
 
-def _metrics_of(root: Path, attack: str, name: str) -> dict[str, Any]:
+def _metrics_of(run: Run, attack: str, name: str) -> dict[str, Any]:
     if name.startswith("purified/"):
-        return (_read(root / "metrics" / "purify" / f"{attack}-{name.split('/', 1)[1]}.json") or {}).get("after") or {}
-    rec = _read(root / "metrics" / f"{attack}.json") or {}
+        return (run.read_json(run.purify_metrics(attack, name.split("/", 1)[1])) or {}).get("after") or {}
+    rec = run.read_json(run.attack_metrics(attack)) or {}
     return rec.get("benign" if name == BENIGN else "backdoored") or {}
 
 
 def _tsne(modality: str, params: dict[str, Any], attack: str, names: list[str], path: Path) -> Path | None:
-    from smoothpurify.analysis import analysis_batch, model_dir
-    from smoothpurify.modality import get_modality
     from smoothpurify.model import penultimate_features
-    from smoothpurify.plots import plot_tsne
+    from pipeline.analysis import analysis_batch
+    from pipeline.report.plots import plot_tsne
 
-    root = _root(params, modality)
-    dirs = {n: model_dir(root, attack, n) for n in names}
+    run = Run(modality, params)
+    dirs = {n: run.analysed_model_dir(attack, n) for n in names}
     dirs = {n: d for n, d in dirs.items() if (d / "model.safetensors").is_file()}
     if not dirs:
         return None
-    mod = get_modality(modality)
+    mod = run.modality
     inputs, targets, mask = analysis_batch(modality, params, attack)
     panels = {_model_role(n, attack): penultimate_features(mod.load_model(d)[0].eval(), inputs) for n, d in dirs.items()}
     return plot_tsne(panels, targets, mask, path, title=f"{attack}: penultimate features of the analysis batch",
@@ -177,18 +185,18 @@ def make_figures(modality: str, params: dict[str, Any], attacks: list[str], meth
     Files go to ``figures/<kind>/<attack>.png`` (+ ``.csv``): one folder per kind, so each can be a
     ``dvc plots`` entry with its own x/y fields (DVC shows the PNGs as images, the CSVs as charts).
     """
-    from smoothpurify.plots import plot_curves, plot_density
+    from pipeline.report.plots import plot_curves, plot_density
 
-    root = _root(params, modality)
-    out = root / "figures"
+    run = Run(modality, params)
+    out = run.figures_dir
     figures: dict[str, list[tuple[Path, str]]] = {}
     for attack in attacks:
         figs = figures.setdefault(attack, [])
         series = []
         for name in _model_names(attack, methods):
-            rec = _read(analysis_path(root, attack, name))
+            rec = run.read_json(run.analysis_record(attack, name))
             if rec and rec.get("slq_nodes"):
-                m = _metrics_of(root, attack, name)
+                m = _metrics_of(run, attack, name)
                 label = _model_role(name, attack) + (f"\nACC {_fmt(_pct(m['acc']))}%, ASR {_fmt(_pct(m['asr']))}%"
                                                      if "acc" in m and "asr" in m else "")
                 series.append({"label": label, **density_from_record(rec), **{k: rec.get(k) for k in
@@ -198,7 +206,7 @@ def make_figures(modality: str, params: dict[str, Any], attacks: list[str], meth
                          f"{attack}: eigenvalue density of the loss Hessian on the fixed analysis batch "
                          "(clean + poisoned inputs with true labels); lambda_max and Tr(H) in the legends."))
         curves = {m: rec["curves"] for m in methods
-                  if (rec := _read(root / "metrics" / "purify" / f"{attack}-{m}.json")) and rec.get("curves")}
+                  if (rec := run.read_json(run.purify_metrics(attack, m))) and rec.get("curves")}
         if curves:
             figs.append((plot_curves(curves, out / "curves" / f"{attack}.png", title=f"{attack}: purification curves"),
                          f"{attack}: ASR, ACC (test set, reporting only), lambda_max and validation loss per epoch."))
@@ -220,13 +228,13 @@ def _table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> tuple:
     return ("table", [h for _, h in columns], body)
 
 
-def _attack_settings(root: Path, attacks: list[str]) -> tuple:
+def _attack_settings(run: Run, attacks: list[str]) -> tuple:
     rows = []
     for attack in attacks:
-        desc = ((_read(root / "models" / attack / "model.json") or {}).get("attack")) or {}
-        meta = _read(root / "models" / attack / "model.json") or {}
+        meta = run.read_json(run.model_json(attack)) or {}
+        desc = meta.get("attack") or {}
         settings = ", ".join(f"{k}={v}" for k, v in desc.items() if k not in ("name", "seed"))
-        rec = _read(root / "metrics" / f"{attack}.json") or {}
+        rec = run.read_json(run.attack_metrics(attack)) or {}
         b, d = rec.get("benign") or {}, rec.get("backdoored") or {}
         rows.append({"attack": attack, "settings": settings or "-", "poisoned": meta.get("poisoned_samples"),
                      "b_acc": _pct(b.get("acc")), "b_asr": _pct(b.get("asr")), "d_acc": _pct(d.get("acc")),
@@ -239,10 +247,10 @@ def _attack_settings(root: Path, attacks: list[str]) -> tuple:
 
 def _sections(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str],
               figures: dict[str, list[tuple[Path, str]]]) -> list[tuple[str, list[tuple]]]:
-    root = _root(params, modality)
-    data = _read(root / "data" / "data.json") or {}
-    arch = next(((_read(root / "models" / n / "model.json") or {}).get("architecture")
-                 for n in [BENIGN, *attacks] if (root / "models" / n / "model.json").is_file()), None)
+    run = Run(modality, params)
+    data = run.read_json(run.data_json) or {}
+    arch = next(((run.read_json(run.model_json(n)) or {}).get("architecture")
+                 for n in [BENIGN, *attacks] if run.model_json(n).is_file()), None)
     sizes = data.get("sizes") or {}
     data_blocks = [("p", f"Source: {data.get('source', 'not prepared')}"),
                    ("p", f"Dataset {data.get('dataset', '-')}, {data.get('num_classes', '-')} classes, input shape "
@@ -258,18 +266,19 @@ def _sections(modality: str, params: dict[str, Any], attacks: list[str], methods
     srows = smoothness_rows(modality, params, attacks, methods)
     smooth.append(_table(SMOOTHNESS_COLUMNS, srows) if srows else ("p", "No model analysed yet (run the analyze stage)."))
     mrows = method_rows(modality, params, attacks, methods)
+    metrics = run.modality.metrics
     results = [("p", "After purification, on the test set (reporting only; nothing was tuned on it). "
-                     "Best per attack in bold: lowest ASR, highest ACC and RA, lowest seconds."),
-               _table(METHOD_COLUMNS, mrows) if mrows else ("p", "No purification results yet.")]
+                     + _best_sentence(metrics)),
+               _table(method_columns(metrics), mrows) if mrows else ("p", "No purification results yet.")]
     figs = [("img", png, caption) for attack in attacks for png, caption in figures.get(attack, [])]
     configs = {m: rec.get("config") for a in attacks for m in methods
-               if (rec := _read(root / "metrics" / "purify" / f"{a}-{m}.json")) and rec.get("config")}
+               if (rec := run.read_json(run.purify_metrics(a, m))) and rec.get("config")}
     plain = json.loads(json.dumps(params, default=str))
     param_blocks = [("p", "params.yaml as used (profile merged):"),
                     ("code", yaml.safe_dump(plain, sort_keys=False, default_flow_style=False, allow_unicode=True)),
                     ("p", "Resolved analysis settings and purification methods:"),
                     ("code", yaml.safe_dump({"analysis": s.model_dump(), "methods": configs}, sort_keys=False))]
-    return [("Data source", data_blocks), ("Attack settings", [_attack_settings(root, attacks)]),
+    return [("Data source", data_blocks), ("Attack settings", [_attack_settings(run, attacks)]),
             ("Purification results", results), ("Smoothness", smooth),
             ("Figures", figs or [("p", "No figures (nothing analysed or purified yet).")]),
             ("Parameters", param_blocks)]
@@ -329,11 +338,11 @@ def _html(title: str, sections: list[tuple[str, list[tuple]]]) -> str:
 def write_report(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str],
                  figures: bool = True) -> tuple[Path, Path]:
     """Draw the figures and write ``runs/<m>/report.md`` and ``runs/<m>/report.html``."""
-    root = _root(params, modality)
+    run = Run(modality, params)
     figs = make_figures(modality, params, attacks, methods) if figures else {}
     title = f"smoothpurify report: {modality} (profile {params.get('profile', '-')})"
     sections = _sections(modality, params, attacks, methods, figs)
-    md_path, html_path = root / "report.md", root / "report.html"
-    atomic_write(md_path, lambda p: p.write_text(_md(title, sections, root) + "\n", encoding="utf-8"))
+    md_path, html_path = run.report_files()
+    atomic_write(md_path, lambda p: p.write_text(_md(title, sections, run.root) + "\n", encoding="utf-8"))
     atomic_write(html_path, lambda p: p.write_text(_html(title, sections) + "\n", encoding="utf-8"))
     return md_path, html_path

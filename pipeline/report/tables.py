@@ -1,7 +1,6 @@
 """Result tables: collected from the run folder's metrics, printed with rich, saved as JSON."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -9,16 +8,16 @@ from rich.console import Console
 from rich.table import Table
 
 from smoothpurify.checkpoint import write_json
+from pipeline.run import Run
 
 
-def attack_rows(metrics_dir: Path, attacks: list[str]) -> list[dict[str, Any]]:
+def attack_rows(run: Run, attacks: list[str]) -> list[dict[str, Any]]:
     """One row per attack: benign and backdoored ACC / ASR / RA (percent)."""
     rows = []
     for attack in attacks:
-        path = Path(metrics_dir) / f"{attack}.json"
-        if not path.is_file():
+        rec = run.read_json(run.attack_metrics(attack))
+        if rec is None:
             continue
-        rec = json.loads(path.read_text())
         row: dict[str, Any] = {"attack": attack}
         for kind in ("benign", "backdoored"):
             for metric in ("acc", "asr", "ra"):

@@ -19,7 +19,7 @@ from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import load_into, load_state, save_checkpoint, write_json
 from smoothpurify.metrics import accuracy
 from smoothpurify.model import classifier_name
-from smoothpurify.modality import Modality
+from modalities.contract import Modality
 from smoothpurify.training import predict
 
 
@@ -50,10 +50,7 @@ def build_model(mod: Modality, spec: str, num_classes: int, input_shape: tuple[i
         raise SmoothPurifyError(f"--model {spec}: name the factory function, e.g. {spec}:build_model")
     if ".py:" in spec:
         return load_factory(spec, num_classes)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if len(input_shape) == 3:
-        kwargs.update(in_channels=input_shape[0], image_size=input_shape[1])
-    return mod.create_model(spec, **kwargs)
+    return mod.create_model(spec, num_classes=num_classes, **mod.model_kwargs(input_shape))
 
 
 def _check_labels(y: torch.Tensor, num_classes: int, what: str) -> None:

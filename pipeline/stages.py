@@ -1,0 +1,146 @@
+"""Pipeline stages as plain functions of ``(modality, params)``; Prefect tasks, DVC and the CLI call these.
+
+Paths come from :class:`pipeline.run.Run`; modalities are reached only through the registry
+(:func:`modalities.contract.get_modality`), never imported. A stage whose outputs exist with the
+same fingerprint (its parameters) is skipped, so an interrupted flow resumes from its last
+finished stage.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.checkpoint import save_checkpoint, write_json
+from smoothpurify.methods import PRESETS
+from smoothpurify.runner import make_runner
+from pipeline.params import fingerprint
+from pipeline.run import BENIGN, Run
+
+__all__ = ["BENIGN", "prepare", "train_attack", "evaluate", "purify", "method_runner", "method_overrides",
+           "check_names", "run_root"]
+
+
+def run_root(params: dict[str, Any], modality: str) -> Path:
+    return Run(modality, params).root
+
+
+def _fresh(record: Path, fp: str) -> bool:
+    if not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("fingerprint") == fp
+    except json.JSONDecodeError:
+        return False
+
+
+def prepare(modality: str, params: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    run = Run(modality, params)
+    # Only what shapes the data decides whether it must be rebuilt (the modality says what that is).
+    fp = fingerprint(run.seed, run.modality.data_params(params))
+    if not force and _fresh(run.data_json, fp):
+        return json.loads(run.data_json.read_text())
+    meta = run.modality.prepare_data(params, run.data_dir)
+    meta["fingerprint"] = fp
+    write_json(run.data_json, meta)
+    return meta
+
+
+def train_attack(modality: str, params: dict[str, Any], attack: str, force: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train the benign model (``attack="benign"``) or a model backdoored by ``attack``."""
+    run = Run(modality, params)
+    record = run.model_json(attack)
+    stage_params = {"seed": run.seed, modality: run.modality.training_params(params, attack)}
+    fp = fingerprint(stage_params, attack, run.data_json.read_text() if run.data_json.is_file() else None)
+    if not force and _fresh(record, fp):
+        return json.loads(record.read_text())
+    meta = run.modality.train_model(params, run.data_dir, None if attack == BENIGN else attack, run.model_dir(attack),
+                                    progress=progress)
+    meta["fingerprint"] = fp
+    write_json(record, meta)
+    return meta
+
+
+def evaluate(modality: str, params: dict[str, Any], attack: str) -> dict[str, Any]:
+    """Metrics of the benign and the ``attack`` model, both under ``attack``'s trigger."""
+    run = Run(modality, params)
+    trigger = run.load_trigger(attack)
+    record: dict[str, Any] = {"attack": attack, "data_source": run.data_meta()["source"]}
+    for name in (BENIGN, attack):
+        if not (run.model_dir(name) / "model.safetensors").is_file():
+            continue
+        model, _ = run.modality.load_model(run.model_dir(name))
+        key = "benign" if name == BENIGN else "backdoored"
+        record[key] = run.modality.evaluate(model.to(run.device), run.data_dir, trigger, device=run.device)
+    write_json(run.attack_metrics(attack), record)
+    return record
+
+
+def method_overrides(params: dict[str, Any], method: str) -> dict[str, Any]:
+    """params.yaml's ``purify.common`` then ``purify.overrides.<method>``."""
+    section = params.get("purify", {}) or {}
+    return {**(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
+
+
+def check_names(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str]) -> None:
+    """Fail before any work on an unknown attack or method, or a method setting that is invalid."""
+    known = Run(modality, params).modality.attack_names(params)
+    unknown = [a for a in attacks if a not in known]
+    if unknown:
+        raise SmoothPurifyError(f"unknown attack {unknown[0]!r}; choose one of: {', '.join(known)}")
+    for method in methods:
+        method_runner(params, method)
+
+
+def method_runner(params: dict[str, Any], method: str):
+    """``(settings, run)`` for ``method`` with params.yaml's settings.
+
+    Tuning-loop presets get ``purify.common`` then ``purify.overrides.<method>``; baseline defenses
+    have their own settings, so only ``purify.overrides.<method>`` applies to them.
+    """
+    section = params.get("purify", {}) or {}
+    own = ((section.get("overrides") or {}).get(method)) or {}
+    return make_runner(method, method_overrides(params, method) if method in PRESETS else own)
+
+
+def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,
+           progress: bool = True) -> dict[str, Any]:
+    """Purify the ``attack`` model with ``method`` on the clean validation split; evaluate before/after.
+
+    Writes the purified model (original architecture) and its record (:class:`Run` names both).
+    The test-set evaluation is reporting only.
+    """
+    from pipeline.curves import with_lambda_max, write_curves_csv  # noqa: PLC0415 - only this stage draws curves
+
+    run = Run(modality, params)
+    mod = run.modality
+    settings, run_method = method_runner(params, method)
+    out, metrics_path = run.purified_dir(attack, method), run.purify_metrics(attack, method)
+    model_meta = run.model_json(attack)
+    curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
+    fp = fingerprint(settings, run.seed, curve_every, (params.get("analysis") or {}).get("curve_lambda_steps"),
+                     model_meta.read_text() if model_meta.is_file() else None)
+    if not force and _fresh(metrics_path, fp) and (out / "model.safetensors").is_file():
+        return json.loads(metrics_path.read_text())
+    trigger = run.load_trigger(attack)
+    model, meta = mod.load_model(run.model_dir(attack))
+    x, y = mod.load_split(run.data_dir, "val")
+
+    def evaluate_on_test(m):
+        return mod.evaluate(m.to(run.device), run.data_dir, trigger, device=run.device)
+
+    before = evaluate_on_test(model)
+    evaluate_curve = with_lambda_max(evaluate_on_test, run, attack) if curve_every else evaluate_on_test
+    result = run_method(model, x, y, mod.likelihood, seed=run.seed, device=run.device, evaluate=evaluate_curve,
+                        eval_every=curve_every or None, progress=progress, augment=mod.augment)
+    save_checkpoint(out / "model.safetensors", result.model.cpu(),
+                    {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
+                     "purify_config": settings})
+    record = {"attack": attack, "method": method, "before": before, "after": result.record.pop("metrics"),
+              **result.record, "fingerprint": fp}
+    write_json(metrics_path, record)
+    # Always written (header only without curves): DVC needs the declared plot file to exist.
+    write_curves_csv(record, run.curves_csv(attack, method))
+    return record

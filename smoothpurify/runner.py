@@ -1,0 +1,37 @@
+"""A method's name -> something that runs it: a tuning-loop preset or a baseline defense, guarded.
+
+Both kinds take ``run(model, inputs, targets, likelihood, **kw)`` and return a ``PurifyResult``;
+:func:`smoothpurify.purify.guarded` flags any of them that diverged or destroyed clean accuracy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.defenses import defense_names, get_defense
+from smoothpurify.methods import PRESETS, method_config
+from smoothpurify.purify import guarded, purify
+
+__all__ = ["make_runner", "method_names"]
+
+
+def method_names() -> list[str]:
+    """Every runnable method: the presets, then the baseline defenses."""
+    return [*PRESETS, *defense_names()]
+
+
+def make_runner(method: str, overrides: dict[str, Any] | None = None):
+    """``(settings, run)`` for a tuning-loop preset or a baseline defense (:mod:`smoothpurify.defenses`).
+
+    ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way; ``kw`` are
+    the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...).
+    """
+    if method in PRESETS:
+        cfg = method_config(method, overrides)
+        return cfg.model_dump(), guarded(lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg, **kw))
+    if method not in defense_names():
+        raise SmoothPurifyError(f"unknown purification method {method!r}; choose one of: "
+                                f"{', '.join(list(PRESETS) + defense_names())}")
+    defense, options = get_defense(method), dict(overrides or {})
+    return {"defense": method, **options}, guarded(lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
+                                                                                               options, **kw))
