@@ -146,6 +146,9 @@ class Modality(Protocol):
     name: str
     likelihood: Likelihood
     metrics: tuple[Metric, ...]  # what ``evaluate`` returns, each with its direction (reports use it)
+    # The modality's params section for the conformance suite (modalities.testing): offline data,
+    # the smallest model, a backdoor that a few epochs learn; seconds on one CPU core.
+    conformance_params: dict[str, Any]
 
     # -- configuration (the modality's section of params.yaml)
     def config(self, params: dict[str, Any] | None) -> Any:

@@ -1,6 +1,6 @@
 """Per-sample gradients, the Fisher diagonal and the Fisher trace (modality-agnostic).
 
-Notation (SFT paper Eq. 4-6, DESIGN.md §3): ``l_j(theta) = log p(y_j | x_j; theta) = -nll_j``.
+Notation (SFT paper Eq. 4-6): ``l_j(theta) = log p(y_j | x_j; theta) = -nll_j``.
 
 * ``diag(Fbar)_i = (1/n) sum_j (d l_j / d theta_i)^2`` over the whole clean validation set: a mean
   of SQUARED PER-SAMPLE gradients, never the square of a batch-mean gradient.

@@ -1,7 +1,7 @@
 """What is tuned: ``full``, ``spectral`` (f-SFT) or ``last_layer`` (NGF).
 
 The parametrization is one of the three independent choices every purification method is made
-of (DESIGN.md §3); the objective and the optimizer only ever see ``Tuned.named_tuned()``.
+of (docs/architecture.md); the objective and the optimizer only ever see ``Tuned.named_tuned()``.
 
 * ``full``: every parameter (SFT, vanilla FT, FT-SAM).
 * ``spectral``: f-SFT (SFT paper §5.1, Eq. 7). Every Conv1d/2d/3d, Linear and attention projection
@@ -207,7 +207,7 @@ def prepare(model: nn.Module, mode: str, classifier: str | None = None, tune_bia
     """Wrap ``model`` for tuning in ``mode`` (see module docstring).
 
     ``tune_bias`` / ``tune_norm`` only matter for ``spectral`` (f-SFT freezes biases and
-    normalisation layers by default, DESIGN.md §3); ``full`` tunes everything and ``last_layer``
+    normalisation layers by default, SFT paper §5.1); ``full`` tunes everything and ``last_layer``
     tunes the classifier's weight and bias only. The caller's model is deep-copied unless
     ``inplace``, so it stays available as the "before" model.
     """

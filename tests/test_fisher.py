@@ -1,4 +1,4 @@
-"""Fisher diagonal / trace against brute-force loops over samples (DESIGN.md §3, SFT paper Eq. 4-6).
+"""Fisher diagonal / trace against brute-force loops over samples (SFT paper Eq. 4-6).
 
 The brute force is the definition: one ``torch.autograd.grad`` per sample, model in eval mode for
 batch norm. Everything runs on tiny models so the whole file stays in a few seconds on 2 cores.

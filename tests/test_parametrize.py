@@ -1,4 +1,4 @@
-"""full / spectral / last_layer parametrizations and merge-back (DESIGN.md §3, SFT paper §5.1)."""
+"""full / spectral / last_layer parametrizations and merge-back (SFT paper §5.1)."""
 from __future__ import annotations
 
 import pytest

@@ -11,7 +11,7 @@ __all__ = ["ImageParams", "image_params", "AttackParams", "AttackVariant", "Trai
 
 
 class ImageParams(Strict):
-    dataset: Literal["fashion_mnist", "cifar10", "gtsrb"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "cifar10", "gtsrb", "synthetic"] = "fashion_mnist"
     data_path: Optional[str] = None
     image_size: Optional[int] = None
     val_fraction: float = Field(0.01, gt=0, lt=1)

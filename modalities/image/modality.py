@@ -24,6 +24,10 @@ class ImageModality(ClassifierModality):
     attacks = ATTACKS
     params_model = ImageParams
     data_keys = ("dataset", "data_path", "image_size", "val_fraction", "max_train", "max_test")
+    # The conformance suite's run: offline synthetic data, the smallest model, seconds on a CPU.
+    conformance_params = {"dataset": "synthetic", "val_fraction": 0.05, "model": "small_cnn", "attacks": ["badnets"],
+                          "attack": {"target_label": 0, "poison_rate": 0.1},
+                          "train": {"epochs": 3, "lr": 0.05, "batch_size": 64}}
 
     def create_model(self, name: str, **kwargs: Any):
         return create_model(name, **kwargs)
@@ -41,6 +45,8 @@ class ImageModality(ClassifierModality):
     def _load_source(self, cfg: ImageParams, cache_dir: Path):
         if cfg.dataset == "fashion_mnist":
             return imdata.load_embedded(cache_dir)
+        if cfg.dataset == "synthetic":
+            return imdata.load_synthetic()
         if not cfg.data_path:
             raise SmoothPurifyError(f"image.data_path must point to the local {cfg.dataset} folder")
         root = Path(cfg.data_path).expanduser()
