@@ -8,13 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_paper_run.sh OUT_DIR}; shift
-if ! python -c "import pydantic" 2>/dev/null; then
-    pip install --quiet --no-index --target /tmp/pydeps runs-gpu/wheels/*.whl
-    export PYTHONPATH=/tmp/pydeps
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-device=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')")
-echo "device: $device"
+source benchmarks/gpu_env.sh
 python benchmarks/purification_matrix.py --profile paper --attacks badnets blend \
     --methods ${METHODS:-recommended fst ft-init ft ft-sam ft-sam-sft sft fsft ngf sft-authors} \
     --run-dir /tmp/runs-gpu --threads 8 --device-label "$device" --out "$out/purification_matrix_paper" \

@@ -7,13 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: gpu_smoke_sweep.sh OUT_DIR}; shift
-if ! python -c "import pydantic" 2>/dev/null; then
-    pip install --quiet --no-index --target /tmp/pydeps runs-gpu/wheels/*.whl
-    export PYTHONPATH=/tmp/pydeps
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-device=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')")
-echo "device: $device"
+source benchmarks/gpu_env.sh
 mkdir -p "$out"
 for attack in ${ATTACKS:-badnets blend trojan sig wanet dynamic}; do
     python benchmarks/purification_matrix.py --attacks "$attack" --methods ${METHODS:-recommended} \
