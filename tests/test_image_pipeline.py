@@ -77,3 +77,18 @@ def test_target_label_outside_classes(tiny_params):
     pipeline.prepare("image", tiny_params)
     with pytest.raises(SmoothPurifyError, match="outside the classes"):
         pipeline.train_attack("image", tiny_params, "badnets", progress=False)
+
+
+def test_purify_reuses_the_evaluate_stage_metrics_of_the_same_model_only(tiny_params):
+    tiny_params["purify"]["common"]["epochs"] = 1
+    pipeline.prepare("image", tiny_params)
+    pipeline.train_attack("image", tiny_params, "badnets", progress=False)
+    pipeline.evaluate("image", tiny_params, "badnets")
+    path = pipeline.Run("image", tiny_params).attack_metrics("badnets")
+    rec = json.loads(path.read_text())
+    rec["backdoored"]["asr"] = 0.123  # a sentinel: only a reused record can carry it
+    path.write_text(json.dumps(rec))
+    assert pipeline.purify("image", tiny_params, "badnets", "ngf", progress=False)["before"]["asr"] == 0.123
+    rec["backdoored_model"] = "another model"
+    path.write_text(json.dumps(rec))
+    assert pipeline.purify("image", tiny_params, "badnets", "ngf", force=True, progress=False)["before"]["asr"] != 0.123
