@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -80,6 +81,10 @@ def backdoor_flow(modality: str = "image", profile: str | None = None, params_pa
     return run_pipeline(modality, load_params(params_path, profile, overrides), attacks, methods, force)
 
 
+def _stop(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 class _UserErrorsWithoutTraceback(logging.Filter):
     """Bad input is one ``error:`` line; keep Prefect from adding a SmoothPurifyError's traceback."""
 
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None, modality: str | None = None, flow_fn: An
     methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    # SIGTERM (a scheduler stopping the job) stops the flow like Ctrl-C: Prefect marks the run and shuts
+    # down its temporary server instead of hanging; finished stages are kept and resume on the next run.
+    signal.signal(signal.SIGTERM, _stop)
     try:
         # one-line errors, before Prefect starts
         selection(modality, load_params(args.params, args.profile), attacks, methods)
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None, modality: str | None = None, flow_fn: An
     except SmoothPurifyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped; finished stages are kept and the next run resumes from them", file=sys.stderr)
+        return 130
     return 0
 
 

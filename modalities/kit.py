@@ -132,6 +132,9 @@ class ClassifierModality:
     # ---------------------------------------------------------------- configuration
     def config(self, params: dict[str, Any] | None) -> Any:
         cfg = validate_section(self.params_model, params or {}, self.name)
+        if getattr(cfg, "model", None) is not None and cfg.model not in self.models:
+            raise SmoothPurifyError(f"params.yaml {self.name}.model: unknown model {cfg.model!r}; choose one of: "
+                                    f"{', '.join(self.models)}")
         for name, variant in cfg.attack.variants.items():
             if name in self.attacks or name == BENIGN:
                 raise SmoothPurifyError(f"params.yaml {self.name}.attack.variants: {name!r} is taken by a registered "

@@ -6,7 +6,6 @@ every purified model are measured on exactly the same samples; the estimators ar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import load_meta, load_state, save_checkpoint, write_json
 from smoothpurify.smoothness import RUNTIME_KEYS, analysis_settings, analyze_model, build_analysis_batch, density_from_record
 from smoothpurify.training import num_samples, to_device
-from pipeline.params import fingerprint
+from pipeline.params import file_hash, fingerprint
 from pipeline.run import BACKDOORED, BENIGN, Run
 
 __all__ = ["analysis_batch", "analyze_stage", "model_slug", "BACKDOORED", "BENIGN"]
@@ -69,14 +68,6 @@ def model_slug(model_name: str, attack: str) -> str:
     return BACKDOORED if model_name == attack else model_name.replace("/", "-")
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def analyze_stage(modality: str, params: dict[str, Any], attack: str, model_name: str,
                   force: bool = False) -> dict[str, Any]:
     """Analyse one model on ``attack``'s fixed batch and return the full record.
@@ -99,7 +90,7 @@ def analyze_stage(modality: str, params: dict[str, Any], attack: str, model_name
     out = run.analysis_record(attack, model_name)
     batch_fp = load_meta(run.analysis_batch(attack)).get("fingerprint")
     fp = fingerprint(s.model_dump(exclude=set(RUNTIME_KEYS)), run.seed, batch_fp,
-                     _file_hash(weights))
+                     file_hash(weights))
     if not force and out.is_file():
         try:
             old = json.loads(out.read_text())

@@ -104,21 +104,29 @@ def purify(
                                                           "(else its labels are the per-sample targets)"),
     epochs: Optional[int] = typer.Option(None, help="override the method's epochs"),
     lr: Optional[float] = typer.Option(None, help="override the method's learning rate"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="the modality's training-time shifts during tuning (default: the "
+                                                "method's setting); off where a shift changes the label"),
     modality: str = ModalityOpt,
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0),
+    keep_diverged: bool = typer.Option(False, help="write the model even when the method diverged or destroyed "
+                                                   "clean accuracy (it is then not a purified model)"),
 ) -> None:
     """Purify your own checkpoint on a little clean data; report ACC/ASR/RA before and after."""
     from smoothpurify.methods import PRESETS, RECOMMENDED_FROM
     from smoothpurify.runner import make_runner
-    from pipeline.own_checkpoint import purify_checkpoint
+    from pipeline.own_checkpoint import check_device, check_out, purify_checkpoint
     from pipeline.report.tables import print_table
 
+    check_out(out, checkpoint)  # before any data is read: nothing runs for an output that cannot be written
+    check_device(device)
     mod = _modality(modality)
-    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("augment", augment)) if v is not None}
     _, runner = make_runner(method, overrides if method in PRESETS else {})
     if overrides and method not in PRESETS:
-        raise SmoothPurifyError(f"--epochs/--lr apply to the tuning presets ({', '.join(PRESETS)}), not {method}")
+        raise SmoothPurifyError(f"--epochs/--lr/--augment apply to the tuning presets ({', '.join(PRESETS)}), "
+                                f"not {method}")
     norm = _parse_normalize(normalize)
     clean = mod.load_user_data(clean_data, norm)
     shape = tuple(clean[0].shape[1:])
@@ -126,18 +134,20 @@ def purify(
     poisoned = mod.load_user_data(poisoned_data, norm, shape) if poisoned_data else None
     record = purify_checkpoint(mod, checkpoint=checkpoint, model_spec=model, num_classes=num_classes, clean=clean,
                                method_runner=runner, out=out, classifier=classifier, test=test, poisoned=poisoned,
-                               target_label=target_label, seed=seed, device=device)
+                               target_label=target_label, seed=seed, device=device, keep_diverged=keep_diverged,
+                               warn=lambda m: typer.echo(f"warning: {m}", err=True))
     rows = [{"model": when, **{k: round(100 * v, 2) for k, v in record[when].items()}} for when in ("before", "after")]
     label = f"{method} (= {RECOMMENDED_FROM} settings)" if method == "recommended" else method
-    if record.get("diverged"):
-        typer.echo(f"warning: {label} {record.get('diverged_reason', 'diverged')}; the output is not a purified model",
+    if record.get("diverged"):  # only with --keep-diverged
+        typer.echo(f"warning: {label}: {record.get('diverged_reason', 'diverged')}; {out} is NOT a purified model",
                    err=True)
     if rows[0].keys() != {"model"}:
         print_table(rows, f"{label}: {record['seconds']['total']:.1f} s (setup {record['seconds']['setup']:.1f} s)")
     else:
         typer.echo(f"{label}: {record['seconds']['total']:.1f} s; clean validation accuracy "
                    f"{record['val_acc_start']:.1%} -> {record['val_acc_end']:.1%} (no test data given: no ASR)")
-    typer.echo(f"purified checkpoint: {out} (record: {out.with_suffix('.record.json')})")
+    kind = "checkpoint (diverged, kept)" if record.get("diverged") else "purified checkpoint"
+    typer.echo(f"{kind}: {out} (record: {out.with_suffix('.record.json')})")
 
 
 @app.command()
@@ -162,9 +172,12 @@ def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optio
     from pipeline.report.tables import print_table
     from pipeline.report.document import method_columns, method_rows, write_report
 
+    import pipeline
+
     p = _params(params, profile)
-    att = attacks.split(",") if attacks else p[modality]["attacks"]
+    att = attacks.split(",") if attacks else _modality(modality).config(p).attacks
     meth = methods.split(",") if methods else (p.get("purify") or {}).get("methods") or []
+    pipeline.check_names(modality, p, att, meth)
     md, page = write_report(modality, p, att, meth)
     print_table(method_rows(modality, p, att, meth, mark_best=True),
                 f"{modality}: purification (* best per attack)", method_columns(_modality(modality).metrics))
@@ -188,6 +201,9 @@ def main() -> None:
         app()
     except SmoothPurifyError as err:
         typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except OSError as err:  # a path the user gave that the system refuses (too long, not permitted...)
+        typer.echo(f"error: {SmoothPurifyError(f'{err.strerror or err}: {err.filename}')}", err=True)
         sys.exit(2)
 
 

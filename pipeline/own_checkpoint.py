@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.checkpoint import load_into, load_state, save_checkpoint, write_json
-from smoothpurify.metrics import accuracy
+from smoothpurify.checkpoint import load_into, load_state, save_bundle
+from smoothpurify.metrics import accuracy, model_accuracy
 from smoothpurify.model import classifier_name
 from modalities.contract import Modality
-from smoothpurify.training import predict
+from smoothpurify.training import predict, to_device
 
 
 def load_factory(spec: str, num_classes: int) -> nn.Module:
@@ -38,8 +40,11 @@ def load_factory(spec: str, num_classes: int) -> nn.Module:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise SmoothPurifyError(f"{path} has no callable {name!r}")
-    accepts = "num_classes" in inspect.signature(factory).parameters
-    model = factory(num_classes=num_classes) if accepts else factory()
+    try:
+        accepts = "num_classes" in inspect.signature(factory).parameters
+        model = factory(num_classes=num_classes) if accepts else factory()
+    except Exception as err:  # the user's code: report its failure in one line
+        raise SmoothPurifyError(f"{spec} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(model, nn.Module):
         raise SmoothPurifyError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -53,9 +58,52 @@ def build_model(mod: Modality, spec: str, num_classes: int, input_shape: tuple[i
     return mod.create_model(spec, num_classes=num_classes, **mod.model_kwargs(input_shape))
 
 
+def check_out(out: Path, checkpoint: Path) -> None:
+    """Refuse, before any work, an output that cannot be written or would destroy something."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SmoothPurifyError(f"--out {out}: name the purified checkpoint *.safetensors (its metadata goes next to "
+                                "it as .json and its record as .record.json)")
+    if out.is_dir():
+        raise SmoothPurifyError(f"--out {out} is a folder; name a file, e.g. {out / 'purified.safetensors'}")
+    if out.exists() and out.resolve() == Path(checkpoint).resolve():
+        raise SmoothPurifyError(f"--out {out} is the checkpoint being purified; choose another file")
+    parent = out.parent if str(out.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SmoothPurifyError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SmoothPurifyError(f"--out {out}: cannot write in {parent.resolve()}")
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` that this torch can use, else one error line."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SmoothPurifyError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SmoothPurifyError(f"--device {device!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SmoothPurifyError(f"--device {device}: this torch build has no usable CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SmoothPurifyError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _check_inputs(x: Any, what: str, shape: tuple[int, ...] | None = None) -> None:
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise SmoothPurifyError(f"{what} has inputs of shape {tuple(x.shape[1:])}, the clean data {tuple(shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise SmoothPurifyError(f"{what} holds NaN or infinite values (check --normalize)")
+
+
 def _check_labels(y: torch.Tensor, num_classes: int, what: str) -> None:
     if len(y) == 0:
         raise SmoothPurifyError(f"{what} is empty")
+    if y.is_floating_point():
+        raise SmoothPurifyError(f"{what} has non-integer labels ({y.dtype})")
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise SmoothPurifyError(f"{what} has labels {int(y.min())}..{int(y.max())} but --num-classes is {num_classes}")
 
@@ -92,9 +140,18 @@ def backdoor_report(model: nn.Module, test: tuple | None, poisoned: tuple | None
 def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_classes: int, clean: tuple,
                       method_runner, out: Path, classifier: str | None = None, test: tuple | None = None,
                       poisoned: tuple | None = None, target_label: int | None = None, seed: int = 0,
-                      device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Load, check, purify and save; returns the record (also written next to ``out`` as JSON)."""
+                      device: str = "cpu", progress: bool = True, keep_diverged: bool = False,
+                      warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Check everything, load, purify and save; returns the record (also written next to ``out``).
+
+    A run that diverged or destroyed clean accuracy is not a purification: nothing is written and
+    one error line says so, unless ``keep_diverged``. ``warn(message)`` hears of a model that is at
+    chance level on the clean data before purification (default: ``warnings.warn``).
+    """
     x, y = clean
+    check_out(out, checkpoint)
+    check_device(device)
+    _check_inputs(x, "the clean data")
     _check_labels(y, num_classes, "the clean data")
     if y.unique().numel() < 2:
         raise SmoothPurifyError("the clean data holds a single class; purification needs several")
@@ -102,6 +159,7 @@ def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_c
         raise SmoothPurifyError(f"--target-label {target_label} is outside 0..{num_classes - 1}")
     for name, data in (("the clean test data", test), ("the poisoned test data", poisoned)):
         if data is not None:
+            _check_inputs(data[0], name, tuple(x.shape[1:]))
             _check_labels(data[1], num_classes, name)
     state = load_state(checkpoint)
     model = load_into(build_model(mod, model_spec, num_classes, tuple(x.shape[1:])), state, source=str(checkpoint))
@@ -109,16 +167,28 @@ def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_c
     _check_forward(model, x, num_classes)
     model.to(device)
     before = backdoor_report(model, test, poisoned, target_label, device)
+    clean_acc = model_accuracy(model, to_device(x, device), y.to(device))
+    if clean_acc < 1.5 / num_classes:
+        (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=2)))(
+            f"the model is at chance level on the clean data before purification (accuracy {clean_acc:.1%} for "
+            f"{num_classes} classes): check --normalize, the data layout and --num-classes")
     t0 = time.perf_counter()
-    result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device, progress=progress,
-                           augment=mod.augment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is reported below, in plain words
+        result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device,
+                               progress=progress, augment=mod.augment)
+    rec = result.record
+    if rec.get("diverged") and not keep_diverged:
+        raise SmoothPurifyError(
+            f"{rec.get('method', 'the method')} did not purify this model: {rec.get('diverged_reason', 'it diverged')} "
+            f"(clean validation accuracy {rec.get('val_acc_start', float('nan')):.1%} -> "
+            f"{rec.get('val_acc_end', float('nan')):.1%}); nothing was written (--keep-diverged writes it anyway)")
     after = backdoor_report(result.model, test, poisoned, target_label, device)
     record = {"checkpoint": str(checkpoint), "model": model_spec, "classifier": head, "num_classes": num_classes,
               "clean_samples": int(len(y)), "before": before, "after": after,
               "wall_seconds": round(time.perf_counter() - t0, 2),
               **{k: v for k, v in result.record.items() if k != "metrics"}}
-    save_checkpoint(out, result.model.cpu(), {"architecture": model_spec, "num_classes": num_classes,
-                                              "classifier": head, "purified_by": record.get("method", ""),
-                                              "source_checkpoint": str(checkpoint)})
-    write_json(Path(out).with_suffix(".record.json"), record)
+    save_bundle(out, result.model.cpu(), {"architecture": model_spec, "num_classes": num_classes, "classifier": head,
+                                          "purified_by": record.get("method", ""), "source_checkpoint": str(checkpoint)},
+                record)
     return record

@@ -44,7 +44,33 @@ def load_params(path: Path | str = DEFAULT_PARAMS, profile: str | None = None,
         raise SmoothPurifyError(f"unknown profile {name!r} in {path}; defined: {', '.join(profiles) or 'none'}")
     params = deep_merge(raw, profiles[name])
     params["profile"] = name
-    return deep_merge(params, overrides or {})
+    params = deep_merge(params, overrides or {})
+    _check_top_level(params, path)
+    return params
+
+
+def _check_top_level(params: dict[str, Any], path: Path) -> None:
+    """The keys every stage reads, checked once here (a modality checks its own section)."""
+    seed = params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SmoothPurifyError(f"{path}: seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(params.get("run_dir", "runs"), str) or not params.get("run_dir", "runs"):
+        raise SmoothPurifyError(f"{path}: run_dir must be a folder name, got {params.get('run_dir')!r}")
+    for section in ("purify", "analysis"):
+        if not isinstance(params.get(section) or {}, dict):
+            raise SmoothPurifyError(f"{path}: {section} must be a mapping, got {params.get(section)!r}")
+
+
+def file_hash(path: Path) -> str | None:
+    """A short hash of a file's bytes (None when absent): fingerprints of content, never of timings."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(*parts: Any) -> str:

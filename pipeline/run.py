@@ -118,6 +118,17 @@ class Run:
     def report_files(self) -> tuple[Path, Path]:
         return self.root / "report.md", self.root / "report.html"
 
+    def sweep_temps(self, *folders: Path) -> int:
+        """Remove the temporary files a killed write left in ``folders`` (``.<name>.*.tmp``, made by
+        :func:`smoothpurify.checkpoint.atomic_write`); the stage that owns a folder calls this before
+        writing into it. Returns how many were removed."""
+        removed = 0
+        for folder in folders:
+            for tmp in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else ():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     # -- what several stages read
     def data_meta(self) -> dict[str, Any]:
         return self.modality.data_meta(self.data_dir)

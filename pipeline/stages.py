@@ -15,7 +15,7 @@ from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import save_checkpoint, write_json
 from smoothpurify.methods import PRESETS
 from smoothpurify.runner import make_runner
-from pipeline.params import fingerprint
+from pipeline.params import file_hash, fingerprint
 from pipeline.run import BENIGN, Run
 
 __all__ = ["BENIGN", "prepare", "train_attack", "evaluate", "purify", "method_runner", "method_overrides",
@@ -41,6 +41,7 @@ def prepare(modality: str, params: dict[str, Any], force: bool = False) -> dict[
     fp = fingerprint(run.seed, run.modality.data_params(params))
     if not force and _fresh(run.data_json, fp):
         return json.loads(run.data_json.read_text())
+    run.sweep_temps(run.data_dir)
     meta = run.modality.prepare_data(params, run.data_dir)
     meta["fingerprint"] = fp
     write_json(run.data_json, meta)
@@ -56,6 +57,7 @@ def train_attack(modality: str, params: dict[str, Any], attack: str, force: bool
     fp = fingerprint(stage_params, attack, run.data_json.read_text() if run.data_json.is_file() else None)
     if not force and _fresh(record, fp):
         return json.loads(record.read_text())
+    run.sweep_temps(run.model_dir(attack))
     meta = run.modality.train_model(params, run.data_dir, None if attack == BENIGN else attack, run.model_dir(attack),
                                     progress=progress)
     meta["fingerprint"] = fp
@@ -131,12 +133,14 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     mod = run.modality
     settings, run_method = method_runner(params, method)
     out, metrics_path = run.purified_dir(attack, method), run.purify_metrics(attack, method)
-    model_meta = run.model_json(attack)
     curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
+    # Content, not timings: a retrain that gives byte-identical weights re-runs nothing.
     fp = fingerprint(settings, run.seed, curve_every, (params.get("analysis") or {}).get("curve_lambda_steps"),
-                     model_meta.read_text() if model_meta.is_file() else None)
+                     file_hash(run.model_dir(attack) / "model.safetensors"),
+                     file_hash(run.model_dir(attack) / "trigger.safetensors"), file_hash(run.data_json))
     if not force and _fresh(metrics_path, fp) and (out / "model.safetensors").is_file():
         return json.loads(metrics_path.read_text())
+    run.sweep_temps(out, metrics_path.parent, run.curves_csv(attack, method).parent)
     trigger = run.load_trigger(attack)
     model, meta = mod.load_model(run.model_dir(attack))
     x, y = mod.load_split(run.data_dir, "val")

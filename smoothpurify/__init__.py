@@ -8,4 +8,10 @@ __version__ = "0.1.0"
 
 
 class SmoothPurifyError(Exception):
-    """An error caused by user input: the CLI prints its message as one line, no traceback."""
+    """An error caused by user input: the CLI prints its message as one line, no traceback.
+
+    The message is always one line: a newline that came in with a user's path or value is shown
+    escaped, never printed as a second line."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")

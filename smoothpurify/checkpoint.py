@@ -50,21 +50,62 @@ def save_checkpoint(path: Path, model_or_state: nn.Module | dict[str, torch.Tens
     write_json(sidecar_path(path), meta)
 
 
+def save_bundle(path: Path, model_or_state: nn.Module | dict[str, torch.Tensor], meta: dict[str, Any],
+                record: dict[str, Any]) -> None:
+    """Commit a checkpoint, its sidecar (``.json``) and its record (``.record.json``) as one unit.
+
+    All three are written to temporary files first (a crash leaves the previous set, never half of
+    one), then renamed into place while holding an exclusive lock on ``.<name>.lock``, so two runs
+    writing to the same path cannot pair one run's weights with the other's record.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only, like the rest of the toolchain
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    targets = [path, sidecar_path(path), path.with_suffix(".record.json")]
+    writers = [lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+               lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"),
+               lambda p: p.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")]
+    temps: list[Path] = []
+    try:
+        for target, write in zip(targets, writers):
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(tmp))
+            write(Path(tmp))
+            os.chmod(tmp, 0o644)
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for tmp, target in zip(temps, targets):
+                os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; refuse pickles and corrupt files with one clear line."""
+    """Read a safetensors file; refuse pickles and corrupt files with one clear line.
+
+    The file is parsed as safetensors first: its 8-byte header length may start with any byte
+    (0x80 included, about one file in 256), so the first bytes alone never decide. Only a file that
+    is not valid safetensors and starts like a pickle or a torch.save zip is called one.
+    """
     path = Path(path)
     if not path.is_file():
         raise SmoothPurifyError(f"checkpoint not found: {path}")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head.startswith(_PICKLE_MAGIC):
-        raise SmoothPurifyError(
-            f"{path} is a pickle/torch.save file; refusing to unpickle an untrusted checkpoint. "
-            "Convert it where you trust it: safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SmoothPurifyError(f"{path} is not a valid safetensors file ({err})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head.startswith(_PICKLE_MAGIC):
+            raise SmoothPurifyError(
+                f"{path} is a pickle/torch.save file; refusing to unpickle an untrusted checkpoint. Convert it "
+                "where you trust it: safetensors.torch.save_file(model.state_dict(), 'model.safetensors')") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SmoothPurifyError(f"{path} is not a valid safetensors file ({reason})") from None
 
 
 def load_meta(path: Path) -> dict[str, Any]:

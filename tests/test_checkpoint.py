@@ -1,8 +1,11 @@
 """Checkpoints are never unpickled; bad files fail with one clear line and leave nothing behind."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +72,21 @@ def test_failed_write_leaves_previous_file(tmp_path):
         save_checkpoint(path, {"a": "not a tensor"}, {})
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def _safetensors_with_first_byte(path: Path, first: int) -> None:
+    """A valid safetensors file whose 8-byte header length starts with ``first`` (the header is JSON
+    padded with spaces, which the format allows)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    n = len(header) + ((first - len(header)) % 256)
+    n += 256 * (n < len(header))
+    path.write_bytes(struct.pack("<Q", n) + header.ljust(n, b" ") + struct.pack("<f", 1.5))
+
+
+def test_a_valid_safetensors_file_loads_whatever_its_first_byte(tmp_path):
+    for first in range(256):
+        path = tmp_path / f"b{first}.safetensors"
+        _safetensors_with_first_byte(path, first)
+        assert path.read_bytes()[0] == first
+        state = load_state(path)
+        assert float(state["w"]) == 1.5, first

@@ -11,6 +11,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+from smoothpurify import SmoothPurifyError
 import torch
 import yaml
 from rich.console import Console
@@ -200,9 +202,8 @@ def test_a_diverged_run_is_labelled_and_never_best(tmp_path):
     assert rows[2]["best"] == [] and "asr" in rows[3]["best"]  # ASR 0 of a destroyed model is not best
 
 
-def test_report_without_results_still_renders(tmp_path):
+def test_a_report_without_any_result_is_refused_and_writes_nothing(tmp_path):
     params = {"run_dir": str(tmp_path / "runs"), "profile": "smoke"}
-    md, page = write_report("image", params, ["badnets"], ["sft"])
-    doc = Page(page.read_text())
-    assert doc.h2 == SECTIONS and doc.images == [] and "No purification results yet." in page.read_text()
-    assert "## Smoothness" in md.read_text()
+    with pytest.raises(SmoothPurifyError, match="nothing to report"):
+        write_report("image", params, ["badnets"], ["sft"])
+    assert not (tmp_path / "runs").exists()

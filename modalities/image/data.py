@@ -148,15 +148,35 @@ def load_cifar10(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # --------------------------------------------------------------------------- folders
-def _read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+
+def _read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SmoothPurifyError(f"cannot read image {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _image_channels(files: list[Path]) -> int:
+    """1 when every image is grayscale, else 3 (colour images are read as RGB)."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                if img.mode not in GRAY_MODES:
+                    return 3
+        except (UnidentifiedImageError, OSError) as err:
+            raise SmoothPurifyError(f"cannot read image {f} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    return 1
 
 
 def load_gtsrb(root: Path, size: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -185,24 +205,28 @@ def load_gtsrb(root: Path, size: int = 32) -> dict[str, tuple[np.ndarray, np.nda
     return splits
 
 
-def load_image_folder(root: Path, size: int | None = None, channels: int = 3) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One subfolder per class (sorted names -> labels 0..C-1), PNG/JPEG/PPM inside."""
+def load_image_folder(root: Path, size: int | None = None,
+                      channels: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One subfolder per class, PNG/JPEG/PPM inside. Numeric folder names are the labels themselves
+    (``0``..``42``, as in GTSRB); other names are sorted and numbered 0..C-1. ``channels`` None:
+    1 when every image is grayscale, else 3."""
     root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
+    names = [d.name for d in root.iterdir() if d.is_dir()]
+    if not names:
         raise SmoothPurifyError(f"{root} has no class subfolders")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                xs.append(_read_image(f, size, channels))
-                ys.append(label)
-    if not xs:
+    numeric = all(n.isdigit() for n in names)
+    classes = sorted(names, key=int) if numeric else sorted(names)
+    files = [(f, int(name) if numeric else label) for label, name in enumerate(classes)
+             for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
         raise SmoothPurifyError(f"{root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    channels = channels or _image_channels([f for f, _ in files])
+    xs = [_read_image(f, size, channels) for f, _ in files]
     shapes = {a.shape for a in xs}
     if len(shapes) > 1:
-        raise SmoothPurifyError(f"images in {root} have different sizes {sorted(shapes)[:3]}; pass an image size")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+        raise SmoothPurifyError(f"images in {root} have different sizes {sorted(shapes)[:3]}; resize them to one size "
+                                "(test and poisoned data are then resized to the clean data's size)")
+    return np.stack(xs), np.asarray([label for _, label in files], dtype=np.int64), classes
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +240,13 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise SmoothPurifyError(f"cannot read {path} as .npz ({err})") from None
     if x.dtype != np.uint8 or x.ndim != 4:
         raise SmoothPurifyError(f"{path}: x must be uint8 with shape N x C x H x W, got {x.dtype} {x.shape}")
+    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        raise SmoothPurifyError(f"{path}: x looks like N x H x W x C {x.shape}; store it as N x C x H x W "
+                                "(x.transpose(0, 3, 1, 2))")
     if y.shape != (x.shape[0],):
         raise SmoothPurifyError(f"{path}: y must have shape ({x.shape[0]},), got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise SmoothPurifyError(f"{path}: y must hold integer class labels, got {y.dtype}")
     return x, y.astype(np.int64)
 
 
@@ -238,9 +267,12 @@ def load_any(path: Path, size: int | None = None, channels: int | None = None) -
         raise SmoothPurifyError(f"data path not found: {path}")
     if path.suffix == ".npz":
         return load_npz(path)
+    if path.is_file():
+        raise SmoothPurifyError(f"{path}: unsupported data file {path.suffix or '(no suffix)'}; give an .npz with x "
+                                "(uint8 N x C x H x W) and y, an image folder (one subfolder per class) or a CIFAR-10 folder")
     if any((path / p).exists() for p in ("cifar-10-batches-bin", "cifar-10-batches-py", "test_batch.bin", "test_batch")):
         return load_cifar10(path)["test"]
-    x, y, _ = load_image_folder(path, size=size, channels=channels or 3)
+    x, y, _ = load_image_folder(path, size=size, channels=channels)
     return x, y
 
 

@@ -99,9 +99,12 @@ class ImageModality(ClassifierModality):
         x = imdata.to_float(x_u8)
         if normalize is not None:
             mean, std = (torch.tensor(v, dtype=torch.float32) for v in normalize)
+            allowed = "1 value" if x.shape[1] == 1 else f"1 or {x.shape[1]} values"
             if len(mean) not in (1, x.shape[1]) or len(std) != len(mean):
-                raise SmoothPurifyError(f"--normalize needs 1 or {x.shape[1]} values for mean and for std, "
-                                        f"got {len(mean)} and {len(std)}")
+                raise SmoothPurifyError(f"--normalize: the data has {x.shape[1]} channel(s), so mean and std need "
+                                        f"{allowed} each; got {len(mean)} and {len(std)}")
+            if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                raise SmoothPurifyError("--normalize: mean and std must be finite numbers")
             if bool((std <= 0).any()):
                 raise SmoothPurifyError("--normalize: std must be positive")
             x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
+from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import atomic_write
 from smoothpurify.metrics import BACKDOOR_METRICS, Metric
 from smoothpurify.smoothness import RUNTIME_KEYS, analysis_settings, density_from_record
@@ -337,8 +338,16 @@ def _html(title: str, sections: list[tuple[str, list[tuple]]]) -> str:
 
 def write_report(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str],
                  figures: bool = True) -> tuple[Path, Path]:
-    """Draw the figures and write ``runs/<m>/report.md`` and ``runs/<m>/report.html``."""
+    """Draw the figures and write ``runs/<m>/report.md`` and ``runs/<m>/report.html``.
+
+    Refuses (one error line, the old report kept) when none of the attacks has a result yet: an
+    empty report must never replace a good one.
+    """
     run = Run(modality, params)
+    if not (any(run.attack_metrics(a).is_file() for a in attacks)
+            or any(run.purify_metrics(a, m).is_file() for a in attacks for m in methods)):
+        raise SmoothPurifyError(f"nothing to report: no results for attacks {', '.join(attacks) or '(none)'} under "
+                                f"{run.root}; run the flow (or the evaluate / purify stages) first")
     figs = make_figures(modality, params, attacks, methods) if figures else {}
     title = f"smoothpurify report: {modality} (profile {params.get('profile', '-')})"
     sections = _sections(modality, params, attacks, methods, figs)
