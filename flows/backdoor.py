@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.orphans import guard_temporary_server
 from smoothpurify import SmoothPurifyError
 from smoothpurify.smoothness import analysis_settings
 from modalities.contract import get_modality
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None, modality: str | None = None, flow_fn: An
         # one-line errors, before Prefect starts
         selection(modality, load_params(args.params, args.profile), attacks, methods)
         kw = dict(profile=args.profile, params_path=args.params, attacks=attacks, methods=methods, force=args.force)
+        guard_temporary_server()  # a kill -9 of this process leaves no temporary Prefect server behind
         if flow_fn is not None:
             flow_fn(**kw)
         else:

@@ -63,14 +63,22 @@ def reference(tmp_path_factory):
     return tmp, _metrics(tmp / "reference")
 
 
-@pytest.mark.parametrize("sig, seed", [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGKILL, 3)])
-def test_a_stopped_flow_resumes_to_the_same_metrics(reference, sig, seed):
+# (signal, seed, whom): the whole process group (a terminal, a scheduler) or the flow's process alone
+STOPS = [(signal.SIGTERM, 1, "group"), (signal.SIGTERM, 2, "main"), (signal.SIGKILL, 3, "group"),
+         (signal.SIGKILL, 4, "main"), (signal.SIGKILL, 5, "main")]
+
+
+@pytest.mark.parametrize("sig, seed, whom", STOPS, ids=[f"{s.name}-{w}-{n}" for s, n, w in STOPS])
+def test_a_stopped_flow_resumes_to_the_same_metrics(reference, sig, seed, whom):
     tmp, expected = reference
-    name = f"stopped-{sig.name}-{seed}"
+    name = f"stopped-{sig.name}-{whom}-{seed}"
     params = _params(tmp, name)
     proc = _flow(params)
     time.sleep(random.Random(seed).uniform(8, 25))  # somewhere in training or purification
-    os.killpg(proc.pid, sig)
+    if whom == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     proc.communicate(timeout=120)
     deadline = time.time() + 30
     while _group_alive(proc.pid) and time.time() < deadline:
