@@ -46,6 +46,15 @@ def _metrics(root: Path) -> dict:
     return {str(f.relative_to(root)): strip(json.loads(f.read_text())) for f in files}
 
 
+def _finished_stages(root: Path) -> list[str]:
+    image = root / "image"
+    names = [("data", image / "data" / "data.json"), ("benign", image / "models" / "benign" / "model.json"),
+             ("badnets", image / "models" / "badnets" / "model.json"), ("evaluate", image / "metrics" / "badnets.json"),
+             ("ft", image / "metrics" / "purify" / "badnets-ft.json"),
+             ("ngf", image / "metrics" / "purify" / "badnets-ngf.json")]
+    return [name for name, path in names if path.is_file()]
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -75,10 +84,12 @@ def test_a_stopped_flow_resumes_to_the_same_metrics(reference, sig, seed, whom):
     params = _params(tmp, name)
     proc = _flow(params)
     time.sleep(random.Random(seed).uniform(8, 25))  # somewhere in training or purification
+    done = _finished_stages(tmp / name)
     if whom == "group":
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
+    print(f"{sig.name} to the {whom} after {len(done)} finished stages: {', '.join(done) or 'none'}")
     proc.communicate(timeout=120)
     deadline = time.time() + 30
     while _group_alive(proc.pid) and time.time() < deadline:
