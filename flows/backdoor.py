@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -82,7 +84,16 @@ def backdoor_flow(modality: str = "image", profile: str | None = None, params_pa
     return run_pipeline(modality, load_params(params_path, profile, overrides), attacks, methods, force)
 
 
+# After SIGTERM, Prefect reports the stopped run to its API; when the same signal has already ended the
+# temporary server (a whole process group stopped), that report retries for minutes. Past this grace
+# the process exits anyway: finished stages are on disk, and the next run resumes from them.
+STOP_GRACE_SECONDS = 10.0
+
+
 def _stop(signum: int, _frame: Any) -> None:
+    timer = threading.Timer(STOP_GRACE_SECONDS, os._exit, args=(128 + signum,))
+    timer.daemon = True
+    timer.start()
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
