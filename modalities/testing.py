@@ -50,7 +50,8 @@ class Built:
 def build(name: str, root: Path) -> Built:
     mod = get_modality(name)
     params = {"seed": 0, name: dict(mod.conformance_params)}
-    attack = mod.config(params).attacks[0] if hasattr(mod.config(params), "attacks") else mod.attack_names()[0]
+    cfg = mod.config(params)
+    attack = cfg.attacks[0] if hasattr(cfg, "attacks") else mod.attack_names()[0]
     mod.prepare_data(params, root / "data")
     for model in (BENIGN, attack):
         mod.train_model(params, root / "data", None if model == BENIGN else attack, root / "models" / model,

@@ -19,7 +19,7 @@ from smoothpurify.training import num_samples, to_device
 from pipeline.params import file_hash, fingerprint
 from pipeline.run import BACKDOORED, BENIGN, Run
 
-__all__ = ["analysis_batch", "analyze_stage", "model_slug", "BACKDOORED", "BENIGN"]
+__all__ = ["analysis_batch", "analyze_stage", "BACKDOORED", "BENIGN"]
 
 
 def _text(path: Path) -> str | None:
@@ -61,11 +61,6 @@ def analysis_batch(modality: str, params: dict[str, Any], attack: str,
     _save_batch(path, inputs, targets, mask, {"fingerprint": fp, "attack": attack, "split": "test",
                                               "n_clean": s.n_clean, "n_poison": s.n_poison, "seed": seed})
     return inputs, targets, mask
-
-
-def model_slug(model_name: str, attack: str) -> str:
-    """File-name form: ``benign``, ``backdoored`` (the attack's model), ``purified-<method>``."""
-    return BACKDOORED if model_name == attack else model_name.replace("/", "-")
 
 
 def analyze_stage(modality: str, params: dict[str, Any], attack: str, model_name: str,

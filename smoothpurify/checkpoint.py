@@ -41,11 +41,15 @@ def sidecar_path(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_checkpoint(path: Path, model_or_state: nn.Module | dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write ``path`` (safetensors) and ``path.json`` (metadata: architecture, classes, data, attack, seed)."""
+def _plain_tensors(model_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     # safetensors refuses shared storage; contiguous clones also drop views into larger tensors.
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(path: Path, model_or_state: nn.Module | dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``path`` (safetensors) and ``path.json`` (metadata: architecture, classes, data, attack, seed)."""
+    tensors = _plain_tensors(model_or_state)
     atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json(sidecar_path(path), meta)
 
@@ -62,8 +66,7 @@ def save_bundle(path: Path, model_or_state: nn.Module | dict[str, torch.Tensor],
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    tensors = _plain_tensors(model_or_state)
     targets = [path, sidecar_path(path), path.with_suffix(".record.json")]
     writers = [lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
                lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"),

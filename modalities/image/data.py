@@ -151,6 +151,10 @@ def load_cifar10(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
+def _unreadable(path: Path, err: Exception) -> SmoothPurifyError:
+    return SmoothPurifyError(f"cannot read image {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+
+
 def _read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
@@ -161,7 +165,7 @@ def _read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise SmoothPurifyError(f"cannot read image {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise _unreadable(path, err) from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -175,7 +179,7 @@ def _image_channels(files: list[Path]) -> int:
                 if img.mode not in GRAY_MODES:
                     return 3
         except (UnidentifiedImageError, OSError) as err:
-            raise SmoothPurifyError(f"cannot read image {f} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+            raise _unreadable(f, err) from None
     return 1
 
 
