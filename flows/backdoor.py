@@ -23,8 +23,8 @@ from smoothpurify.smoothness import analysis_settings
 from modalities.contract import get_modality
 from pipeline import BACKDOORED, BENIGN, Run, check_names
 from pipeline.params import load_params
-from pipeline.report.document import SMOOTHNESS_COLUMNS, method_columns, method_rows, smoothness_rows
-from pipeline.report.tables import ATTACK_COLUMNS, attack_rows, print_table, save_rows
+from pipeline.report.tables import (SMOOTHNESS_COLUMNS, attack_columns, attack_rows, method_columns, method_rows,
+                                    print_table, save_rows, smoothness_rows)
 from tasks.analyze import analyze, build_analysis_batch
 from tasks.attack import train_attack
 from tasks.evaluate import evaluate
@@ -68,9 +68,9 @@ def run_pipeline(modality: str, params: dict[str, Any], attacks: list[str] | Non
     summary = {"attacks": rows, "purification": purification, "smoothness": smoothness}
     save_rows(run.summary_json, summary)
     print_table(rows, f"{modality} / {run.section.get('model')} / profile {params['profile']}: backdoored models",
-                ATTACK_COLUMNS)
+                attack_columns(run.modality.metrics))
     print_table(purification, f"purification on {data['sizes']['val']} clean validation samples "
-                              "(* best per attack)", method_columns(run.modality.metrics))
+                              "(* best among the methods that removed the backdoor)", method_columns(run.modality.metrics))
     print_table(smoothness, "smoothness (fixed batch: clean + poisoned inputs with true labels)",
                 SMOOTHNESS_COLUMNS)
     print(f"total {time.perf_counter() - started:.0f} s; report: {md} | {page}")

@@ -174,6 +174,10 @@ class Modality(Protocol):
     def load_user_data(self, path: Path, **options: Any) -> tuple[Any, torch.Tensor]:
         """A user's own clean (or poisoned) data from a local path, for ``smoothpurify purify``."""
 
+    def save_user_data(self, path: Path, inputs: Any, targets: torch.Tensor) -> None:
+        """Write inputs in a format :meth:`load_user_data` reads back (``smoothpurify poison`` writes a
+        poisoned copy of a user's data with it); atomic, never half-written."""
+
     def augment(self, inputs: Any, generator: torch.Generator) -> Any:
         """The training-time augmentation, applied to clean batches during purification (methods with
         ``augment: true``); return ``inputs`` unchanged where the modality has none."""

@@ -118,6 +118,9 @@ class ClassifierModality:
     def load_split(self, data_dir: Path, split: str) -> tuple[Any, torch.Tensor]:
         raise NotImplementedError
 
+    def save_user_data(self, path: Path, inputs: Any, targets: torch.Tensor) -> None:
+        raise SmoothPurifyError(f"the {self.name} modality cannot write data files yet")
+
     def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
         """What the model factory needs besides ``num_classes``, from one input's shape."""
         return {}

@@ -23,16 +23,61 @@ def _params(params: Path, profile: Optional[str]) -> dict:
     return load_params(params, profile)
 
 
-@app.command("list")
-def list_plugins(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
-    """Installed modalities with their models and attacks (plus the variants PARAMS names, if it exists)."""
-    from modalities.contract import available_modalities, get_modality
+def _method_help() -> str:
+    from smoothpurify.methods import ABLATIONS, PRESETS
+    from smoothpurify.runner import method_names
 
-    p = _params(params, profile) if params.is_file() else None
+    presets = [m for m in PRESETS if m not in ABLATIONS]
+    baselines = [m for m in method_names() if m not in PRESETS]
+    return (f"recommended is the default (one setting for all attacks, chosen from the benchmark matrix). Presets: "
+            f"{' '.join(presets)}; ablations: {' '.join(ABLATIONS)}; baselines: {' '.join(baselines)} "
+            "(`smoothpurify list` describes each)")
+
+
+def _line(name: str, text: str, width: int = 150) -> str:
+    text = text if len(text) <= width - 22 else text[: width - 25].rstrip() + "..."
+    return f"    {name:<18}{text}"
+
+
+def _listing(p: Optional[dict]) -> list[str]:
+    from modalities.contract import available_modalities, get_modality
+    from smoothpurify.defenses import DEFENSES
+    from smoothpurify.methods import ABLATIONS, DESCRIPTIONS, PRESETS
+    from smoothpurify.runner import method_names
+
+    lines = []
     for name in available_modalities():
         mod = get_modality(name)
-        attacks = mod.attack_names(p if p is not None and name in p else None)
-        typer.echo(f"{name}: models {', '.join(mod.model_names())}; attacks {', '.join(attacks)}")
+        doc = " ".join((type(mod).__doc__ or "").strip().split("\n\n")[0].split())
+        lines += [f"modality {name}" + (f": {doc}" if doc else ""), "  models:"]
+        lines += [_line(m, mod.models.describe(m) if hasattr(mod, "models") else "") for m in mod.model_names()]
+        lines.append("  attacks (variants from params.yaml after the registered ones):")
+        section = p if p is not None and name in p else None
+        variants = {}
+        if section is not None:
+            cfg = mod.config(section)
+            variants = getattr(getattr(cfg, "attack", None), "variants", None) or {}
+        for attack in mod.attack_names(section):
+            if attack in variants:
+                v = variants[attack]
+                change = ", ".join(f"{k} {val}" for k, val in v.model_dump(exclude={"attack"}).items() if val not in (None, {}))
+                lines.append(_line(attack, f"variant of {v.attack}: {change or 'its own options'}"))
+            else:
+                lines.append(_line(attack, mod.attacks.describe(attack) if hasattr(mod, "attacks") else ""))
+    lines.append("methods (every modality; `smoothpurify purify --method NAME`):")
+    for title, names in (("presets of the tuning loop", [m for m in PRESETS if m not in ABLATIONS]),
+                         ("ablations (one term or choice switched)", list(ABLATIONS)),
+                         ("baseline defenses", [m for m in method_names() if m not in PRESETS])):
+        lines.append(f"  {title}:")
+        lines += [_line(m, DESCRIPTIONS.get(m) or DEFENSES.describe(m)) for m in names]
+    return lines
+
+
+@app.command("list")
+def list_plugins(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Modalities with their models and attacks (plus the variants PARAMS names), and every method."""
+    p = _params(params, profile) if params.is_file() else None
+    typer.echo("\n".join(_listing(p)))
 
 
 @app.command()
@@ -65,11 +110,35 @@ def evaluate(name: str = typer.Argument(..., help="attack whose model and trigge
              modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """ACC / ASR / RA of the benign and the NAME-backdoored model, under NAME's trigger."""
     import pipeline
-    from pipeline.report.tables import ATTACK_COLUMNS, attack_rows, print_table
+    from pipeline.report.tables import attack_columns, attack_rows, print_table
 
     p = _params(params, profile)
     pipeline.evaluate(modality, p, name)
-    print_table(attack_rows(pipeline.Run(modality, p), [name]), f"{modality}: {name}", ATTACK_COLUMNS)
+    print_table(attack_rows(pipeline.Run(modality, p), [name]), f"{modality}: {name}",
+                attack_columns(_modality(modality).metrics))
+
+
+@app.command()
+def poison(
+    trigger: Path = typer.Option(..., help="folder of a backdoored model and its trigger (trigger.safetensors + "
+                                           "model.json), e.g. runs/image/models/badnets"),
+    data: Path = typer.Option(..., help="clean data to poison, in a format `purify` reads (image: class "
+                                        "folders, CIFAR layout or .npz)"),
+    out: Path = typer.Option(..., help="where to write the poisoned copy (image: an .npz)"),
+    modality: str = ModalityOpt,
+) -> None:
+    """Write the poisoned copy of DATA from a saved trigger, for `purify --poisoned-data`."""
+    from pipeline.poison import poison_data
+
+    info = poison_data(_modality(modality), trigger, data, out)
+    typer.echo(f"{info['attack']}: {info['samples']} poisoned inputs -> {out} ({info['skipped']} inputs already of "
+               "the target class left out)")
+    if info["labels"] == "true":
+        typer.echo(f"labels are the true labels: pass --poisoned-data {out} --target-label {info['target_label']} "
+                   "to `smoothpurify purify` (ASR and RA)")
+    else:
+        typer.echo(f"labels are the per-sample attack targets: pass --poisoned-data {out} without --target-label "
+                   "(ASR only)")
 
 
 def _parse_normalize(text: Optional[str]):
@@ -91,9 +160,7 @@ def purify(
     num_classes: int = typer.Option(..., help="number of classes the model outputs"),
     clean_data: Path = typer.Option(..., help="clean data: image folder (one subfolder per class), CIFAR layout, "
                                               "or .npz with x (uint8 NxCxHxW) and y"),
-    method: str = typer.Option("recommended", help="recommended (the default: one setting for all attacks, "
-                               "chosen from the benchmark matrix) | fst | ft-init | ft | ft-sam | ft-sam-sft | sft | "
-                               "sft-authors | fsft | ngf | ablations | fp nad anp ibau awm mcr clp"),
+    method: str = typer.Option("recommended", help=_method_help()),
     out: Path = typer.Option(Path("purified.safetensors"), help="where to write the purified checkpoint"),
     classifier: Optional[str] = typer.Option(None, help="name of the classifier layer (default: the last Linear)"),
     normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects (default: "
@@ -136,18 +203,29 @@ def purify(
                                method_runner=runner, out=out, classifier=classifier, test=test, poisoned=poisoned,
                                target_label=target_label, seed=seed, device=device, keep_diverged=keep_diverged,
                                warn=lambda m: typer.echo(f"warning: {m}", err=True))
-    rows = [{"model": when, **{k: round(100 * v, 2) for k, v in record[when].items()}} for when in ("before", "after")]
     label = f"{method} (= {RECOMMENDED_FROM} settings)" if method == "recommended" else method
     if record.get("diverged"):  # only with --keep-diverged
         typer.echo(f"warning: {label}: {record.get('diverged_reason', 'diverged')}; {out} is NOT a purified model",
                    err=True)
-    if rows[0].keys() != {"model"}:
-        print_table(rows, f"{label}: {record['seconds']['total']:.1f} s (setup {record['seconds']['setup']:.1f} s)")
-    else:
-        typer.echo(f"{label}: {record['seconds']['total']:.1f} s; clean validation accuracy "
-                   f"{record['val_acc_start']:.1%} -> {record['val_acc_end']:.1%} (no test data given: no ASR)")
+    rows, columns = _before_after(record, mod.metrics)
+    print_table(rows, f"{label}: {record['seconds']['total']:.1f} s (setup {record['seconds']['setup']:.1f} s)",
+                columns)
+    if not test_data and not poisoned_data:
+        typer.echo("no --test-data / --poisoned-data: clean validation accuracy only (it is the tuning data, so it "
+                   "flatters the result); `smoothpurify poison` makes a poisoned test set from a saved trigger")
     kind = "checkpoint (diverged, kept)" if record.get("diverged") else "purified checkpoint"
     typer.echo(f"{kind}: {out} (record: {out.with_suffix('.record.json')})")
+
+
+def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Rows "before" / "after" with clean validation accuracy and each metric the test data gave."""
+    from pipeline.report.tables import shown
+
+    present = [m for m in metrics if any(m.key in (record.get(w) or {}) for w in ("before", "after"))]
+    rows = [{"model": when, "val_acc": round(100 * record[key], 2) if record.get(key) is not None else None,
+             **{m.key: shown(m, (record.get(when) or {}).get(m.key)) for m in present}}
+            for when, key in (("before", "val_acc_start"), ("after", "val_acc_end"))]
+    return rows, [("model", "model"), ("val_acc", "clean val. ACC %"), *((m.key, m.label) for m in present)]
 
 
 @app.command()
@@ -169,8 +247,8 @@ def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optio
            attacks: Optional[str] = typer.Option(None, help="comma-separated (default: params)"),
            methods: Optional[str] = typer.Option(None, help="comma-separated (default: purify.methods)")) -> None:
     """Write runs/<modality>/report.md and report.html; print the method table."""
-    from pipeline.report.tables import print_table
-    from pipeline.report.document import method_columns, method_rows, write_report
+    from pipeline.report.tables import method_columns, method_rows, print_table
+    from pipeline.report.document import write_report
 
     import pipeline
 
@@ -180,7 +258,7 @@ def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optio
     pipeline.check_names(modality, p, att, meth)
     md, page = write_report(modality, p, att, meth)
     print_table(method_rows(modality, p, att, meth, mark_best=True),
-                f"{modality}: purification (* best per attack)", method_columns(_modality(modality).metrics))
+                f"{modality}: purification (* best among the methods that removed the backdoor)", method_columns(_modality(modality).metrics))
     typer.echo(f"report: {md} and {page}")
 
 

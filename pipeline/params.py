@@ -56,7 +56,7 @@ def _check_top_level(params: dict[str, Any], path: Path) -> None:
         raise SmoothPurifyError(f"{path}: seed must be a non-negative integer, got {seed!r}")
     if not isinstance(params.get("run_dir", "runs"), str) or not params.get("run_dir", "runs"):
         raise SmoothPurifyError(f"{path}: run_dir must be a folder name, got {params.get('run_dir')!r}")
-    for section in ("purify", "analysis"):
+    for section in ("purify", "analysis", "report"):
         if not isinstance(params.get(section) or {}, dict):
             raise SmoothPurifyError(f"{path}: {section} must be a mapping, got {params.get(section)!r}")
 

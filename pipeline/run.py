@@ -6,6 +6,7 @@ Layout of ``<run_dir>/<modality>/``::
     data/                                  train / val / test splits + data.json          (prepare)
     models/<name>/                         model.safetensors(+.json), trigger.*           (attack; "benign" or an attack)
     metrics/<attack>.json                  benign and backdoored ACC / ASR / RA           (evaluate)
+    metrics/cells/<attack>-<name>.json     flat headline numbers per cell (benign, backdoored, each method; DVC)
     purified/<attack>/<method>/            the purified model                             (purify)
     metrics/purify/<attack>-<method>.json  its record
     curves/<attack>-<method>.csv           its curves (header only without curves)
@@ -79,6 +80,20 @@ class Run:
 
     def attack_metrics(self, attack: str) -> Path:
         return self.root / "metrics" / f"{attack}.json"
+
+    def cell_metrics(self, attack: str, name: str) -> Path:
+        """One matrix cell's headline numbers (``benign``, ``backdoored`` or a method): DVC's metrics."""
+        return self.root / "metrics" / "cells" / f"{attack}-{name}.json"
+
+    def write_cell(self, attack: str, name: str, values: dict[str, Any] | None) -> None:
+        """The modality's metrics of one cell, flat and in display units (percent where the metric is),
+        so that ``dvc metrics show`` is one short row per cell and ``dvc metrics diff`` reads plainly."""
+        from smoothpurify.checkpoint import write_json
+
+        if values:
+            write_json(self.cell_metrics(attack, name),
+                       {m.key: round(100 * float(values[m.key]), 2) if m.percent else float(values[m.key])
+                        for m in self.modality.metrics if values.get(m.key) is not None})
 
     def purified_dir(self, attack: str, method: str) -> Path:
         return self.root / "purified" / attack / method

@@ -78,6 +78,8 @@ def evaluate(modality: str, params: dict[str, Any], attack: str) -> dict[str, An
         record[key] = run.modality.evaluate(model.to(run.device), run.data_dir, trigger, device=run.device)
         record[f"{key}_model"] = _model_fingerprint(run, name)
     write_json(run.attack_metrics(attack), record)
+    for key in ("benign", "backdoored"):
+        run.write_cell(attack, key, record.get(key))
     return record
 
 
@@ -139,7 +141,10 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
                      file_hash(run.model_dir(attack) / "model.safetensors"),
                      file_hash(run.model_dir(attack) / "trigger.safetensors"), file_hash(run.data_json))
     if not force and _fresh(metrics_path, fp) and (out / "model.safetensors").is_file():
-        return json.loads(metrics_path.read_text())
+        record = json.loads(metrics_path.read_text())
+        if not run.cell_metrics(attack, method).is_file():
+            run.write_cell(attack, method, record.get("after"))
+        return record
     run.sweep_temps(out, metrics_path.parent, run.curves_csv(attack, method).parent)
     trigger = run.load_trigger(attack)
     model, meta = mod.load_model(run.model_dir(attack))
@@ -158,6 +163,7 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     record = {"attack": attack, "method": method, "before": before, "after": result.record.pop("metrics"),
               **result.record, "fingerprint": fp}
     write_json(metrics_path, record)
+    run.write_cell(attack, method, record["after"])
     # Always written (header only without curves): DVC needs the declared plot file to exist.
     write_curves_csv(record, run.curves_csv(attack, method))
     return record

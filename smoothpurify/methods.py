@@ -97,6 +97,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 RECOMMENDED_FROM = "fst"
 PRESETS["recommended"] = dict(PRESETS[RECOMMENDED_FROM], lr=0.005, epochs=100, lr_step=40)
 
+# One line each for `smoothpurify list` and --help; ABLATIONS switch one term or choice of a method.
+ABLATIONS = ("fsft-no-trace", "fsft-no-anchor", "ngf-no-anchor", "last-layer-sgd")
+DESCRIPTIONS = {
+    "recommended": "the default: FST at lr 0.005, 100 epochs; one setting for all attacks (README)",
+    "fst": "Feature Shift Tuning (Min et al. 2023): fresh classifier pushed away from the old one",
+    "ft": "vanilla fine-tuning of all weights on the clean data (SGD lr 0.01)",
+    "ft-init": "fine-tuning with the classifier re-initialised",
+    "ft-sam": "FT-SAM (Zhu et al. 2023): adaptive SAM, rho 2, label smoothing 0.1",
+    "ft-sam-sft": "FT-SAM as the SFT paper reads it: plain SAM, rho 0.05",
+    "sft": "SFT (Karim et al.): NLL + Tr(F) smoothness penalty + Fisher-weighted anchor, all weights",
+    "sft-authors": "the SFT authors' published recipe: 2,000 SGD iterations, no anchor",
+    "fsft": "f-SFT: the SFT objective over singular-value shifts only (the fast variant)",
+    "ngf": "NGF (Karim et al.): natural-gradient fine-tuning of the classifier layer",
+    "fsft-no-trace": "f-SFT without the Tr(F) term",
+    "fsft-no-anchor": "f-SFT without the Fisher-weighted anchor",
+    "ngf-no-anchor": "NGF without the anchor",
+    "last-layer-sgd": "NGF's classifier-layer tuning with SGD instead of the natural gradient",
+}
+
 
 def method_names() -> list[str]:
     return list(PRESETS)

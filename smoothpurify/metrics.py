@@ -21,6 +21,13 @@ class Metric:
     label: str                # the column header, e.g. "ASR %"
     higher_is_better: bool
     percent: bool = True      # stored as a fraction, shown in percent
+    # What the number says, so a verdict can read any modality's metrics: "attack" (the backdoor
+    # works: ASR), "clean" (utility on clean inputs: ACC, mAP, BLEU) or "other" (e.g. RA).
+    role: str = "other"
+
+    def __post_init__(self) -> None:
+        if self.role not in ("attack", "clean", "other"):
+            raise ValueError(f"metric {self.key}: role must be attack, clean or other, got {self.role!r}")
 
     def better(self, a: float, b: float) -> bool:
         """Is ``a`` strictly better than ``b``?"""
@@ -28,10 +35,19 @@ class Metric:
 
 
 # The backdoor metrics of every classifier-like modality.
-ACC = Metric("acc", "ACC %", higher_is_better=True)
-ASR = Metric("asr", "ASR %", higher_is_better=False)
+ACC = Metric("acc", "ACC %", higher_is_better=True, role="clean")
+ASR = Metric("asr", "ASR %", higher_is_better=False, role="attack")
 RA = Metric("ra", "RA %", higher_is_better=True)
 BACKDOOR_METRICS = (ASR, ACC, RA)  # table order
+
+
+def metric_with_role(metrics: tuple[Metric, ...], role: str) -> Metric | None:
+    """The first metric declaring ``role``; without one, the first lower-is-better metric stands for
+    "attack" and the first higher-is-better one for "clean"."""
+    declared = next((m for m in metrics if m.role == role), None)
+    if declared is not None or role == "other":
+        return declared
+    return next((m for m in metrics if m.higher_is_better == (role == "clean")), None)
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

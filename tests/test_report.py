@@ -19,10 +19,13 @@ from rich.console import Console
 
 from conftest import tiny_images
 from smoothpurify.checkpoint import write_json
-from pipeline.report.tables import print_table
-from pipeline.report.document import METHOD_COLUMNS, REFERENCE, method_rows, smoothness_rows, write_report
+from smoothpurify.metrics import BACKDOOR_METRICS
+from pipeline.report.tables import REFERENCE, method_columns, method_rows, print_table, smoothness_rows
+from pipeline.report.document import params_as_run, write_report
 
-SECTIONS = ["Data source", "Attack settings", "Purification results", "Smoothness", "Figures", "Parameters"]
+METHOD_COLUMNS = method_columns(BACKDOOR_METRICS)
+SECTIONS = ["Verdict", "Purification results", "Attack settings", "Data source", "Smoothness", "Figures",
+            "Parameters"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,20 +107,22 @@ def test_html_is_self_contained_and_has_every_section(tiny_run):
     doc = Page(text)
     assert doc.h1 == ["smoothpurify report: image (profile test)"] and doc.h2 == SECTIONS
     assert doc.external == [] and "http://" not in text and "https://" not in text
-    assert len(doc.images) == 3  # density, curves, t-SNE
+    assert len(doc.images) == 4  # verdict, density, curves, t-SNE
     for img in doc.images:
         assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == PNG and img["alt"]
     assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text
     assert "tiny synthetic (tests)" in text
-    # the exact parameters, as a YAML block that reads back to the very same dict
-    assert yaml.safe_load(doc.pre[0]) == params
+    # the parameters of what ran, as a YAML block that reads back to the very same dict
+    shown = yaml.safe_load(doc.pre[0])
+    assert shown == params_as_run(params, "image", ["badnets"], ["ft", "ngf", "sft"])
+    assert shown["image"]["attacks"] == ["badnets"] and shown["purify"]["methods"] == ["ft", "ngf", "sft"]
     assert yaml.safe_load(doc.pre[1])["methods"]["ngf"]["parametrization"] == "last_layer"
 
 
 def test_html_tables_hold_the_run_numbers(tiny_run):
     params, _, page = tiny_run
     root = Path(params["run_dir"]) / "image"
-    attack_table, method_table, smooth_table = Page(page.read_text()).tables
+    method_table, attack_table, smooth_table = Page(page.read_text()).tables
     assert attack_table[1][0][0] == "badnets" and "target_label=0" in attack_table[1][1][0]
     header = [c for c, _ in method_table[0]]
     assert header == [h for _, h in METHOD_COLUMNS]
@@ -125,15 +130,17 @@ def test_html_tables_hold_the_run_numbers(tiny_run):
     assert list(body) == [REFERENCE, "ft", "ngf"]
     for method in ("ft", "ngf"):
         rec = json.loads((root / "metrics" / "purify" / f"badnets-{method}.json").read_text())
-        assert float(body[method][2][0]) == pytest.approx(100 * rec["after"]["asr"], abs=0.006)
-        assert float(body[method][5][0]) == pytest.approx(rec["seconds"]["total"], abs=0.006)
-    # best marks: only method rows, and exactly the extreme values of each column
+        assert float(body[method][3][0]) == pytest.approx(100 * rec["after"]["asr"], abs=0.006)
+        assert float(body[method][6][0]) == pytest.approx(rec["seconds"]["total"], abs=0.006)
+        assert body[method][2][0] in ("removed", "removed at a cost", "reduced", "not removed", "diverged")
+    # best marks: only among the rows whose verdict is "removed", exactly the extreme values of each column
     assert not any(best for _, best in body[REFERENCE])
-    for col, pick in ((2, min), (3, max), (4, max), (5, min)):
-        values = {m: float(body[m][col][0]) for m in ("ft", "ngf")}
-        tied = len(set(values.values())) == 1  # nobody is "best" where all are equal
+    removed = [m for m in ("ft", "ngf") if body[m][2][0] == "removed"]
+    for col, pick in ((3, min), (4, max), (5, max), (6, min)):
+        values = {m: float(body[m][col][0]) for m in removed}
+        tied = len(set(values.values())) <= 1  # nobody is "best" alone or where all are equal
         expected = set() if tied else {m for m, v in values.items() if v == pick(values.values())}
-        assert {m for m in values if body[m][col][1]} == expected
+        assert {m for m in ("ft", "ngf") if body[m][col][1]} == expected
     models = [row[1][0] for row in smooth_table[1:]]
     assert models == ["benign (reference)", "backdoored (before)", "ft (after)", "ngf (after)"]
     stored = json.loads((root / "metrics" / "analysis" / "badnets-backdoored.json").read_text())
@@ -145,7 +152,8 @@ def test_markdown_has_the_same_sections_and_figures_on_disk(tiny_run):
     text = md.read_text()
     assert re.findall(r"^## (.+)$", text, flags=re.M) == SECTIONS
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert links == ["figures/density/badnets.png", "figures/curves/badnets.png", "figures/tsne/badnets.png"]
+    assert links == ["figures/verdict.png", "figures/density/badnets.png", "figures/curves/badnets.png",
+                     "figures/tsne/badnets.png"]
     for link in links:
         png = md.parent / link
         assert png.read_bytes()[:8] == PNG and png.with_suffix(".csv").is_file()
@@ -173,21 +181,26 @@ def _fake_run(tmp_path: Path, results: dict[str, dict]) -> dict:
     return params
 
 
-def test_method_rows_mark_the_best_per_column(tmp_path):
+def test_method_rows_judge_each_method_and_mark_the_best_among_the_removed(tmp_path):
+    # before: ASR 99 %, ACC 91 %; thresholds: removed at ASR <= 5 % with an ACC drop <= 5 points
     params = _fake_run(tmp_path, {"ft": (0.50, 0.90, 0.40, 3.0), "sft": (0.02, 0.88, 0.85, 9.0),
-                                  "ngf": (0.02, 0.86, 0.80, 0.5), "anp": (0.30, 0.90, 0.60, 2.0)})
-    rows = method_rows("image", params, ["badnets", "wanet"], ["ft", "sft", "ngf", "anp", "nad"])
-    assert [r["method"] for r in rows] == [REFERENCE, "ft", "sft", "ngf", "anp"]  # wanet, nad: nothing yet
+                                  "ngf": (0.01, 0.86, 0.80, 0.5), "anp": (0.30, 0.90, 0.60, 2.0),
+                                  "fp": (0.03, 0.80, 0.70, 1.0)})
+    rows = method_rows("image", params, ["badnets", "wanet"], ["ft", "sft", "ngf", "anp", "fp", "nad"])
+    assert [r["method"] for r in rows] == [REFERENCE, "ft", "sft", "ngf", "anp", "fp"]  # wanet, nad: nothing yet
     assert rows[0]["asr"] == 99.0 and rows[0]["reference"] and rows[0]["best"] == []
+    assert {r["method"]: r["verdict"] for r in rows[1:]} == {
+        "ft": "not removed", "sft": "removed", "ngf": "removed", "anp": "reduced", "fp": "removed at a cost"}
     best = {r["method"]: set(r["best"]) for r in rows[1:]}
-    assert best == {"ft": {"acc"}, "sft": {"asr", "ra"}, "ngf": {"asr", "seconds"}, "anp": {"acc"}}
+    # ft and anp have higher ACC than both, but they left the backdoor in: never best
+    assert best == {"ft": set(), "sft": {"acc", "ra"}, "ngf": {"asr", "seconds"}, "anp": set(), "fp": set()}
     assert rows[4]["seconds"] == 2.0  # a bare number of seconds is accepted too
     marked = method_rows("image", params, ["badnets"], ["ft", "sft", "ngf"], mark_best=True)
-    assert marked[2]["asr"] == "[bold green]2.00 *[/]" and marked[1]["asr"] == "50.00"
+    assert marked[3]["asr"] == "[bold green]1.00 *[/]" and marked[1]["asr"] == "50.00"
     console = Console(record=True, width=120)
     print_table(marked, "badnets", METHOD_COLUMNS, console=console)
     out = console.export_text()
-    assert "2.00 *" in out and "[bold" not in out and "no defense" in out
+    assert "1.00 *" in out and "[bold" not in out and "no defense" in out
     lone = method_rows("image", _fake_run(tmp_path / "one", {"ft": (0.5, 0.9, 0.4, 3.0)}), ["badnets"], ["ft"])
     assert lone[1]["best"] == []  # a lone method is not "best" at anything
 
@@ -199,7 +212,7 @@ def test_a_diverged_run_is_labelled_and_never_best(tmp_path):
     write_json(path, {**json.loads(path.read_text()), "diverged": True})
     rows = method_rows("image", params, ["badnets"], ["ft", "sft", "ngf"])
     assert [r["method"] for r in rows] == [REFERENCE, "ft", "sft (diverged)", "ngf"]
-    assert rows[2]["best"] == [] and "asr" in rows[3]["best"]  # ASR 0 of a destroyed model is not best
+    assert rows[2]["best"] == [] and rows[2]["verdict"] == "diverged"  # ASR 0 of a destroyed model is not best
 
 
 def test_a_report_without_any_result_is_refused_and_writes_nothing(tmp_path):

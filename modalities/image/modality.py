@@ -19,6 +19,8 @@ from modalities.kit import SPLITS, ClassifierModality
 
 
 class ImageModality(ClassifierModality):
+    """Image classification: Fashion-MNIST embedded; CIFAR-10, GTSRB and image folders from a local path."""
+
     name = "image"
     models = MODELS
     attacks = ATTACKS
@@ -88,6 +90,14 @@ class ImageModality(ClassifierModality):
             raise SmoothPurifyError(f"unknown split {split!r}; choose {', '.join(SPLITS)}")
         x, y = imdata.load_npz(Path(data_dir) / f"{split}.npz")
         return imdata.to_float(x), torch.from_numpy(y)
+
+    def save_user_data(self, path: Path, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """An ``.npz`` with ``x`` (uint8 N x C x H x W; inputs in [0, 1], rounded to 1/255) and ``y``."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise SmoothPurifyError(f"{path}: image data is written as .npz; name the file *.npz")
+        x = (inputs.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        imdata.save_npz(path, x, targets.detach().cpu().numpy().astype(np.int64))
 
     def load_user_data(self, path: Path, normalize: tuple[list[float], list[float]] | None = None,
                        input_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

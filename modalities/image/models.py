@@ -154,6 +154,13 @@ MODELS = Registry("model", {
     "resnet34": _torchvision_resnet(34),
     "resnet50": _torchvision_resnet(50),
     "vit_s": _timm_vit_small,
+}, descriptions={
+    "small_cnn": "two conv blocks + MLP, seconds per epoch on a CPU (tests, quick checks)",
+    "preact_resnet18": "PreAct ResNet-18 (He et al. 2016), the SFT paper's CIFAR-10 model",
+    "wrn16_1": "WideResNet-16-1 (Zagoruyko & Komodakis 2016), the SFT paper's GTSRB model; smoke default",
+    "resnet34": "torchvision ResNet-34 (3x3 stem for small images)",
+    "resnet50": "torchvision ResNet-50 (3x3 stem for small images)",
+    "vit_s": "timm ViT-S (patch 4 for small images); needs the vision extra",
 })
 
 

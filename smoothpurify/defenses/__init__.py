@@ -13,7 +13,15 @@ from typing import Any, Callable
 from smoothpurify.registry import Registry
 
 DefenseFn = Callable[..., Any]
-DEFENSES = Registry("defense")
+DEFENSES = Registry("defense", descriptions={
+    "fp": "Fine-Pruning (Liu et al. 2018): prune the channels clean data leaves dormant, then fine-tune",
+    "nad": "Neural Attention Distillation (Li et al. 2021): a fine-tuned teacher's attention guides the model",
+    "anp": "Adversarial Neuron Pruning (Wu & Wang 2021): prune neurons sensitive to adversarial perturbation",
+    "ibau": "I-BAU (Zeng et al. 2022): minimax unlearning of universal adversarial perturbations",
+    "awm": "Adversarial Weight Masking (Chai & Chen 2022): soft weight masks against synthesised triggers",
+    "mcr": "Mode Connectivity Repair (Zhao et al. 2020): a point on a Bezier path to a fine-tuned copy",
+    "clp": "Channel Lipschitzness Pruning (Zheng et al. 2022): data-free pruning of high-Lipschitz channels",
+})
 
 
 def register_defense(name: str) -> Callable[[DefenseFn], DefenseFn]:
