@@ -89,3 +89,34 @@ def test_dvc_entry_runs_stages_and_checks_names(tiny_params, tmp_path, capsys):
         assert main([*argv, "--params", path]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, err
+
+
+def test_prefect_deployments_name_flows_parameters_and_matrix_that_exist():
+    import importlib
+    import inspect
+
+    from pipeline.params import load_params
+    from pipeline.stages import check_names
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        given = deployment.get("parameters") or {}
+        assert set(given) <= set(inspect.signature(flow.fn).parameters), deployment["name"]
+        params = load_params(ROOT / "params.yaml", given.get("profile"))
+        modality = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), "MODALITY")
+        check_names(modality, params, given.get("attacks") or [], given.get("methods") or [])
+
+
+def test_the_dvc_matrix_is_the_demo():
+    """`make demo` runs params.yaml's lists and then `dvc commit`: both must describe the same matrix."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    make = (ROOT / "Makefile").read_text()
+    demo = make[make.index("\ndemo:"):].split("\n\n", 1)[0]
+    assert "--attacks" not in demo and "--methods" not in demo and "dvc commit" in demo
+    assert params["image"]["attacks"] == ["badnets"]
+    assert params["purify"]["methods"] == ["recommended", "ft", "ft-sam", "sft", "fsft", "ngf"]
+    assert all("attacks" not in (p.get("image") or {}) and "methods" not in (p.get("purify") or {})
+               for p in params["profiles"].values())  # DVC reads the top-level lists, unmerged

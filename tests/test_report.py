@@ -10,6 +10,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from smoothpurify import SmoothPurifyError
@@ -220,3 +221,24 @@ def test_a_report_without_any_result_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(SmoothPurifyError, match="nothing to report"):
         write_report("image", params, ["badnets"], ["sft"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_browser_shows_the_verdict_on_the_first_screen(tiny_run, tmp_path):
+    """Headless Chromium (Debian package) renders the page; skipped where no browser is installed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("screenshot_report", Path(__file__).parents[1] / "tools" /
+                                                  "screenshot_report.py")
+    shot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shot)
+    if shot.find_browser() is None:
+        pytest.skip("no Chromium here (apt-get install chromium)")
+    from PIL import Image
+
+    _, _, page = tiny_run
+    png = Image.open(shot.screenshot(page, tmp_path / "first.png")).convert("L")
+    assert png.size == (1280, 900)
+    # The verdict's highlighted line (a blue bar at its left) is drawn within the first screen.
+    pixels = np.asarray(Image.open(tmp_path / "first.png").convert("RGB")).astype(int)
+    blue = (abs(pixels[..., 0] - 0x2E) < 30) & (abs(pixels[..., 1] - 0x86) < 30) & (abs(pixels[..., 2] - 0xC1) < 30)
+    assert blue[:, :200].sum() > 50

@@ -179,7 +179,7 @@ def _md(title: str, sections: list[tuple[str, list[tuple]]], base: Path) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}td.best{background:#e6f4ea}
+th{background:#f3f3f3}td:first-child,td:nth-child(2),th:first-child,th:nth-child(2){text-align:left}td.best{background:#e6f4ea}
 pre{background:#f7f7f7;padding:1em;overflow-x:auto}figure{margin:1em 0}img{max-width:100%}
 figcaption{font-size:.9em;color:#555}p.verdict{font-size:1.1em;border-left:4px solid #2e86c1;padding-left:.6em}
 p.note{font-size:.9em;color:#555}"""
