@@ -24,7 +24,8 @@ from modalities.contract import get_modality
 from pipeline import BACKDOORED, BENIGN, Run, check_names
 from pipeline.params import load_params
 from pipeline.report.tables import (SMOOTHNESS_COLUMNS, attack_columns, attack_rows, method_columns, method_rows,
-                                    print_table, save_rows, smoothness_rows)
+                                    print_table, rows_and_verdicts, save_rows, smoothness_rows)
+from pipeline.report.verdict import overall_sentence
 from tasks.analyze import analyze, build_analysis_batch
 from tasks.attack import train_attack
 from tasks.evaluate import evaluate
@@ -65,7 +66,9 @@ def run_pipeline(modality: str, params: dict[str, Any], attacks: list[str] | Non
     rows = attack_rows(run, attacks)
     purification = method_rows(modality, params, attacks, methods, mark_best=True)
     smoothness = smoothness_rows(modality, params, attacks, methods) if analysis_on else []
-    summary = {"attacks": rows, "purification": purification, "smoothness": smoothness}
+    _, verdicts = rows_and_verdicts(modality, params, attacks, methods)
+    summary = {"attacks": rows, "purification": purification, "smoothness": smoothness,
+               "verdict": [overall_sentence(verdicts), *(v.sentence() for v in verdicts)]}
     save_rows(run.summary_json, summary)
     print_table(rows, f"{modality} / {run.section.get('model')} / profile {params['profile']}: backdoored models",
                 attack_columns(run.modality.metrics))
@@ -73,6 +76,7 @@ def run_pipeline(modality: str, params: dict[str, Any], attacks: list[str] | Non
                               "(* best among the methods that removed the backdoor)", method_columns(run.modality.metrics))
     print_table(smoothness, "smoothness (fixed batch: clean + poisoned inputs with true labels)",
                 SMOOTHNESS_COLUMNS)
+    print("\n".join(["verdict: " + summary["verdict"][0], *(f"  {line}" for line in summary["verdict"][1:])]))
     print(f"total {time.perf_counter() - started:.0f} s; report: {md} | {page}")
     return summary
 

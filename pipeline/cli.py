@@ -247,8 +247,9 @@ def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optio
            attacks: Optional[str] = typer.Option(None, help="comma-separated (default: params)"),
            methods: Optional[str] = typer.Option(None, help="comma-separated (default: purify.methods)")) -> None:
     """Write runs/<modality>/report.md and report.html; print the method table."""
-    from pipeline.report.tables import method_columns, method_rows, print_table
+    from pipeline.report.tables import method_columns, method_rows, print_table, rows_and_verdicts
     from pipeline.report.document import write_report
+    from pipeline.report.verdict import overall_sentence
 
     import pipeline
 
@@ -258,7 +259,10 @@ def report(modality: str = ModalityOpt, params: Path = ParamsOpt, profile: Optio
     pipeline.check_names(modality, p, att, meth)
     md, page = write_report(modality, p, att, meth)
     print_table(method_rows(modality, p, att, meth, mark_best=True),
-                f"{modality}: purification (* best among the methods that removed the backdoor)", method_columns(_modality(modality).metrics))
+                f"{modality}: purification (* best among the methods that removed the backdoor)",
+                method_columns(_modality(modality).metrics))
+    _, verdicts = rows_and_verdicts(modality, p, att, meth)
+    typer.echo("\n".join([f"verdict: {overall_sentence(verdicts)}", *(f"  {v.sentence()}" for v in verdicts)]))
     typer.echo(f"report: {md} and {page}")
 
 
