@@ -148,3 +148,27 @@ def test_the_core_purifies_a_tiny_multilabel_model():
         assert map1 > map0 - 0.05, (map0, map1)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_purify_a_users_checkpoint_on_coco_format_data(tmp_path):
+    """``smoothpurify purify --modality multilabel``'s path: COCO-format clean data, a user's checkpoint."""
+    from smoothpurify.checkpoint import save_checkpoint
+    from smoothpurify.runner import make_runner
+    from modalities.contract import get_modality
+    from pipeline.own_checkpoint import purify_checkpoint
+
+    mod = get_modality("multilabel")
+    images, objects = mldata.synthetic(60, seed=4)
+    mldata.write_coco(tmp_path / "clean", "val", images, objects, [f"bar{k}" for k in range(6)])
+    x, y = mod.load_user_data(tmp_path / "clean")
+    assert x.shape == (60, 1, 16, 16) and y.shape == (60, 6) and y.dtype == torch.float32
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "user.safetensors", MODELS["cnn_mldecoder"](num_classes=6, in_channels=1), {})
+    _, runner = make_runner("ft", {"epochs": 2, "augment": False})
+    record = purify_checkpoint(mod, checkpoint=tmp_path / "user.safetensors", model_spec="cnn_mldecoder", num_classes=6,
+                               clean=(x, y), method_runner=runner, out=tmp_path / "out.safetensors", test=(x, y),
+                               progress=False, keep_diverged=True)
+    assert record["classifier"] == "head.group_fc" and 0.0 <= record["after"]["acc"] <= 1.0
+    assert (tmp_path / "out.safetensors").is_file()
+    with pytest.raises(SmoothPurifyError, match="instances"):
+        mod.load_user_data(tmp_path)
