@@ -172,3 +172,14 @@ def test_purify_a_users_checkpoint_on_coco_format_data(tmp_path):
     assert (tmp_path / "out.safetensors").is_file()
     with pytest.raises(SmoothPurifyError, match="instances"):
         mod.load_user_data(tmp_path)
+
+
+def test_fisher_trace_has_a_gradient_through_the_head():
+    """SFT's Tr(F) term needs double backward through the cross-attention (the fused CPU kernel has none)."""
+    from smoothpurify.fisher import fisher_trace
+
+    model = MODELS["cnn_mldecoder"](num_classes=4, in_channels=1).eval()
+    x, y = torch.rand(3, 1, 16, 16), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]])
+    trace = fisher_trace(model, x, y, Bernoulli())
+    trace.backward()
+    assert float(trace) > 0 and model.head.attn.in_proj_weight.grad.abs().sum() > 0

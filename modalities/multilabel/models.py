@@ -66,7 +66,9 @@ class MLDecoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         tokens = torch.relu(self.embed(features.flatten(2).transpose(1, 2)))  # [B, HW, dim]
         q = self.norm_q(self.queries).unsqueeze(0).expand(len(tokens), -1, -1)
-        attended, _ = self.attn(q, tokens, tokens, need_weights=False)
+        # need_weights=True takes the explicit softmax path: the fused CPU kernel has no double
+        # backward, which the Fisher-trace term (SFT) needs.
+        attended, _ = self.attn(q, tokens, tokens, need_weights=True)
         h = self.norm_attn(q + self.dropout(attended))
         h = self.norm_ff(h + self.dropout(self.ff(h)))
         return self.group_fc(h)
