@@ -138,6 +138,8 @@ def plot_tsne(panels: dict[str, Any], labels: Any, poisoned: Any, path: Path, ti
     """
     path = Path(path)
     labels, poisoned = np.asarray(labels), np.asarray(poisoned, dtype=bool)
+    if labels.ndim > 1:  # multi-hot targets: colour by the first category present
+        labels = labels.reshape(len(labels), -1).argmax(axis=1)
     fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     rows = []
