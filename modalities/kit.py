@@ -128,6 +128,12 @@ class ClassifierModality:
     def augment(self, inputs: Any, generator: torch.Generator) -> Any:
         return inputs
 
+    def training_loss(self, cfg: Any) -> Likelihood:
+        """The loss the benign and backdoored models are trained with (default: the likelihood;
+        purification always uses :attr:`likelihood`). A modality whose models train with another
+        loss (multi-label: ASL) returns an object with the same ``nll``."""
+        return self.likelihood
+
     def train_augment(self, cfg: Any):
         """The augmentation ``train`` applies while training models (None: none)."""
         return self.augment if getattr(cfg.train, "augment", False) else None
@@ -223,7 +229,8 @@ class ClassifierModality:
         meta_data = self.data_meta(data_dir)
         x, y = self.load_split(data_dir, "train")
         attack, mask, poisoned = None, None, 0
-        context = {"likelihood": self.likelihood, "train": cfg.train.model_dump(), "device": cfg.device,
+        loss = self.training_loss(cfg)
+        context = {"likelihood": loss, "train": cfg.train.model_dump(), "device": cfg.device,
                    "seed": seed, "make_model": lambda: self.build_model(params, meta_data), "train_fn": train,
                    "progress": progress}
         t0 = time.perf_counter()
@@ -240,7 +247,7 @@ class ClassifierModality:
         losses = attack.train_model(model, x, y, mask, context) if attack is not None else None
         if losses is None:
             t = cfg.train
-            losses = train(model, x, y, self.likelihood, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+            losses = train(model, x, y, loss, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                            momentum=t.momentum, weight_decay=t.weight_decay, seed=seed, device=cfg.device,
                            augment=self.train_augment(cfg), desc=f"train {attack_name or BENIGN}", progress=progress)
         meta = {"architecture": cfg.model, "num_classes": meta_data["num_classes"],

@@ -19,10 +19,10 @@ from torch import nn
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import load_into, load_state, save_bundle
-from smoothpurify.metrics import accuracy, model_accuracy
+from smoothpurify.metrics import accuracy, correct, model_accuracy
 from smoothpurify.model import classifier_name
 from modalities.contract import Modality
-from smoothpurify.training import predict, to_device
+from smoothpurify.training import predict, predict_logits, to_device
 
 
 def load_factory(spec: str, num_classes: int) -> nn.Module:
@@ -99,9 +99,16 @@ def _check_inputs(x: Any, what: str, shape: tuple[int, ...] | None = None) -> No
         raise SmoothPurifyError(f"{what} holds NaN or infinite values (check --normalize)")
 
 
+def multi_hot(y: torch.Tensor, num_classes: int) -> bool:
+    """Multi-label targets: float ``[N, num_classes]`` of 0 / 1 (a modality with ``Bernoulli`` outputs)."""
+    return y.is_floating_point() and y.dim() == 2 and y.shape[1] == num_classes and bool(((y == 0) | (y == 1)).all())
+
+
 def _check_labels(y: torch.Tensor, num_classes: int, what: str) -> None:
     if len(y) == 0:
         raise SmoothPurifyError(f"{what} is empty")
+    if multi_hot(y, num_classes):
+        return
     if y.is_floating_point():
         raise SmoothPurifyError(f"{what} has non-integer labels ({y.dtype})")
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
@@ -123,6 +130,14 @@ def backdoor_report(model: nn.Module, test: tuple | None, poisoned: tuple | None
                     device: str) -> dict[str, float]:
     """ACC on clean test data; ASR / RA on poisoned data (true labels + target, or per-sample targets)."""
     out: dict[str, float] = {}
+    if any(d is not None and d[1].is_floating_point() and d[1].dim() == 2 for d in (test, poisoned)):
+        # Multi-label: ACC is per-label accuracy (logit > 0), ASR the share of poisoned inputs whose
+        # every label is the attacker's (their labels are the per-sample targets).
+        if test is not None:
+            out["acc"] = float(correct(predict_logits(model, test[0], device=device), test[1]).mean())
+        if poisoned is not None:
+            out["asr"] = float((correct(predict_logits(model, poisoned[0], device=device), poisoned[1]) == 1).float().mean())
+        return out
     if test is not None:
         out["acc"] = accuracy(predict(model, test[0], device=device), test[1])
     if poisoned is not None:
@@ -153,7 +168,7 @@ def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_c
     check_device(device)
     _check_inputs(x, "the clean data")
     _check_labels(y, num_classes, "the clean data")
-    if y.unique().numel() < 2:
+    if not multi_hot(y, num_classes) and y.unique().numel() < 2:
         raise SmoothPurifyError("the clean data holds a single class; purification needs several")
     if target_label is not None and not 0 <= target_label < num_classes:
         raise SmoothPurifyError(f"--target-label {target_label} is outside 0..{num_classes - 1}")

@@ -220,6 +220,8 @@ def plot_tsne(panels: dict[str, Any], labels: Any, poisoned: Any, path: Path, ti
     """
     path = Path(path)
     labels, poisoned = np.asarray(labels), np.asarray(poisoned, dtype=bool)
+    if labels.ndim > 1:  # multi-hot targets: colour by the first category present
+        labels = labels.reshape(len(labels), -1).argmax(axis=1)
     nrows, ncols = _grid(len(panels), 4)
     cmap = colormaps["tab10"]
     with rc_context(STYLE):
