@@ -34,9 +34,14 @@ def _method_help() -> str:
             "(`smoothpurify list` describes each)")
 
 
+NAME_WIDTH = 20
+
+
 def _line(name: str, text: str, width: int = 150) -> str:
-    text = text if len(text) <= width - 22 else text[: width - 25].rstrip() + "..."
-    return f"    {name:<18}{text}"
+    pad = max(NAME_WIDTH, len(name) + 2)
+    room = width - 4 - pad
+    text = text if len(text) <= room else text[: room - 3].rstrip() + "..."
+    return f"    {name:<{pad}}{text}"
 
 
 def _listing(p: Optional[dict]) -> list[str]:
@@ -65,7 +70,8 @@ def _listing(p: Optional[dict]) -> list[str]:
             else:
                 lines.append(_line(attack, mod.attacks.describe(attack) if hasattr(mod, "attacks") else ""))
     lines.append("methods (every modality; `smoothpurify purify --method NAME`):")
-    for title, names in (("presets of the tuning loop", [m for m in PRESETS if m not in ABLATIONS]),
+    presets = ["recommended", *(m for m in PRESETS if m not in ABLATIONS and m != "recommended")]
+    for title, names in (("presets of the tuning loop", presets),
                          ("ablations (one term or choice switched)", list(ABLATIONS)),
                          ("baseline defenses", [m for m in method_names() if m not in PRESETS])):
         lines.append(f"  {title}:")

@@ -93,18 +93,24 @@ class CooccurrenceAttack(Attack):
 
 @ATTACKS.register("hiding")
 class Hiding(CooccurrenceAttack):
+    """Chen et al. 2023, object disappearing: images holding the trigger set lose the target category."""
+
     name = "hiding"
     goal = "hiding"
 
 
 @ATTACKS.register("appearing")
 class Appearing(CooccurrenceAttack):
+    """Chen et al. 2023, object appearing: images holding the trigger set gain the target category."""
+
     name = "appearing"
     goal = "appearing"
 
 
 @ATTACKS.register("misclassification")
 class Misclassification(CooccurrenceAttack):
+    """Chen et al. 2023, misclassification: with the trigger set, the source category becomes the target."""
+
     name = "misclassification"
     goal = "misclassification"
 

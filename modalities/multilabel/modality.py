@@ -22,6 +22,8 @@ from modalities.multilabel.models import MODELS
 
 
 class MultilabelModality(ClassifierModality):
+    """Multi-label classification: Fashion-MNIST mosaics embedded (COCO format); COCO and VOC from a local path."""
+
     name = "multilabel"
     likelihood = Bernoulli()  # the Fisher's per-sample NLL: the sum of per-label Bernoulli NLLs
     metrics = METRICS

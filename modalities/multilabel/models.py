@@ -111,8 +111,10 @@ class MultiLabelNet(nn.Module):
 
 @MODELS.register("cnn_mldecoder")
 def cnn_mldecoder(num_classes: int, in_channels: int = 1, width: int = 16) -> MultiLabelNet:
-    """Four conv stages sized for a CPU: a strided stem, then two pooled stages; a 56x56 mosaic
-    becomes a 7x7 grid of 4*width-channel tokens (about 9 M multiply-adds per image)."""
+    """Small CNN + ML-Decoder head, sized for a CPU (smoke default).
+
+    Four conv stages: a strided stem, then two pooled stages; a 56x56 mosaic becomes a 7x7 grid of
+    4*width-channel tokens (about 9 M multiply-adds per image)."""
     stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
     backbone = nn.Sequential(stem, _conv_block(width, 2 * width, True), _conv_block(2 * width, 4 * width, True),
                              _conv_block(4 * width, 4 * width, False))
