@@ -7,7 +7,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: demo test test-slow install data bench clean repro-full
+.PHONY: demo demo-multilabel test test-slow install data bench clean repro-full
 FULL_ATTACKS := [badnets,blend,trojan,sig]
 FULL_METHODS := [recommended,ft,ft-sam,sft,fsft,ngf,fst,ft-init,fp,nad,anp,ibau,awm,mcr,clp]
 
@@ -27,7 +27,12 @@ data: $(STAMP)
 # so a `dvc repro` afterwards has nothing to redo.
 demo: $(STAMP)
 	$(BIN)/python -m flows.image --profile smoke
-	$(BIN)/dvc commit --force --quiet || echo "note: dvc commit skipped (dvc.lock not updated)"
+	$(BIN)/dvc commit --force --quiet --with-deps image-report || echo "note: dvc commit skipped (dvc.lock not updated)"
+
+# The multi-label modality's smoke run (its DVC stages: multilabel-*).
+demo-multilabel: $(STAMP)
+	$(BIN)/python -m flows.multilabel --profile smoke
+	$(BIN)/dvc commit --force --quiet --with-deps multilabel-report || echo "note: dvc commit skipped (dvc.lock not updated)"
 
 # The full matrix (hours on a CPU) as a DVC experiment: params.yaml itself stays at the default.
 repro-full: $(STAMP)
