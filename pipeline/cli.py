@@ -224,14 +224,18 @@ def purify(
 
 
 def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Rows "before" / "after" with clean validation accuracy and each metric the test data gave."""
+    """Rows "before" / "after" with clean validation accuracy and every number the test data gave
+    (the modality's metrics by their labels; other keys, e.g. a multi-label ACC, in percent)."""
+    from smoothpurify.metrics import Metric
     from pipeline.report.tables import shown
 
-    present = [m for m in metrics if any(m.key in (record.get(w) or {}) for w in ("before", "after"))]
+    known = {m.key: m for m in metrics}
+    keys = list(dict.fromkeys(k for w in ("before", "after") for k in (record.get(w) or {})))
+    shown_metrics = [known.get(k) or Metric(k, f"{k.upper()} %", True) for k in keys]
     rows = [{"model": when, "val_acc": round(100 * record[key], 2) if record.get(key) is not None else None,
-             **{m.key: shown(m, (record.get(when) or {}).get(m.key)) for m in present}}
+             **{m.key: shown(m, (record.get(when) or {}).get(m.key)) for m in shown_metrics}}
             for when, key in (("before", "val_acc_start"), ("after", "val_acc_end"))]
-    return rows, [("model", "model"), ("val_acc", "clean val. ACC %"), *((m.key, m.label) for m in present)]
+    return rows, [("model", "model"), ("val_acc", "clean val. ACC %"), *((m.key, m.label) for m in shown_metrics)]
 
 
 @app.command()

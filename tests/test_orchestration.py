@@ -120,3 +120,18 @@ def test_the_dvc_matrix_is_the_demo():
     assert params["purify"]["methods"] == ["recommended", "ft", "ft-sam", "sft", "fsft", "ngf"]
     assert all("attacks" not in (p.get("image") or {}) and "methods" not in (p.get("purify") or {})
                for p in params["profiles"].values())  # DVC reads the top-level lists, unmerged
+
+
+def test_list_describes_every_model_attack_and_method_within_200_columns():
+    from pipeline.cli import _listing
+    from pipeline.params import load_params
+    from smoothpurify.runner import method_names
+
+    lines = _listing(load_params(ROOT / "params.yaml"))
+    assert max(len(line) for line in lines) <= 200
+    entries = [line for line in lines if line.startswith("    ")]
+    described = {line.split()[0]: line.split(None, 1)[1] if len(line.split()) > 1 else "" for line in entries}
+    assert all(described.values()), [n for n, d in described.items() if not d]
+    assert set(method_names()) <= set(described)
+    assert {"wrn16_1", "badnets", "badnets-50", "cnn_mldecoder", "appearing"} <= set(described)
+    assert described["badnets-50"] == "variant of badnets: poison_rate 0.5"

@@ -106,3 +106,22 @@ def test_every_report_figure_fits_the_page_with_many_models(tmp_path):
             plot_verdict(groups, tmp_path / "v.png", "ASR %", "ACC %", 5.0, title="verdict")]
     for png in pngs:  # each was checked before saving; the saved width is what the page shows
         assert Image.open(png).size[0] <= round(MAX_WIDTH_IN * 110)
+
+
+def test_the_parameters_block_shows_what_ran_only():
+    from pipeline.report.document import params_as_run
+
+    params = {"profile": "smoke", "seed": 0, "profiles": {"smoke": {}},
+              "image": {"attacks": ["badnets", "blend", "trojan", "sig"],
+                        "attack": {"options": {"blend": {"alpha": 0.2}, "sig": {"alpha": 0.2}},
+                                   "variants": {"badnets-50": {"attack": "badnets", "poison_rate": 0.5},
+                                                "blend-a2a": {"attack": "blend", "mapping": "all2all"}}}},
+              "multilabel": {"attacks": ["appearing"]},
+              "purify": {"methods": ["ft", "sft", "ngf", "fp"], "overrides": {"fp": {"x": 1}, "sft": {"y": 2}}}}
+    shown = params_as_run(params, "image", ["badnets-50", "blend"], ["ft", "sft"])
+    assert "multilabel" not in shown and "profiles" not in shown
+    assert shown["image"]["attacks"] == ["badnets-50", "blend"]
+    assert shown["image"]["attack"]["variants"] == {"badnets-50": {"attack": "badnets", "poison_rate": 0.5}}
+    assert shown["image"]["attack"]["options"] == {"blend": {"alpha": 0.2}}
+    assert shown["purify"]["methods"] == ["ft", "sft"] and shown["purify"]["overrides"] == {"sft": {"y": 2}}
+    assert params["image"]["attacks"] == ["badnets", "blend", "trojan", "sig"]  # the caller's dict is untouched
