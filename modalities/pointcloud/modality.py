@@ -46,6 +46,18 @@ class PointCloudModality(ClassifierModality):
         noise = (0.005 * torch.randn(inputs.shape, generator=generator)).clamp(-0.02, 0.02).to(inputs)
         return ((inputs - 0.5) * scale + 0.5 + noise).clamp(0, 1)
 
+    def trigger_figure(self, data_dir: Path, attack: Any, path: Path) -> tuple[Path, str]:
+        """The report's figure (an optional hook): the first test cloud not of the target class, clean
+        and with ``attack``'s test-time trigger; returns the PNG and its caption."""
+        from modalities.pointcloud.figure import draw_clean_and_triggered  # noqa: PLC0415 - report only
+
+        x, y = self.load_split(data_dir, "test")
+        i = int(torch.nonzero(attack.target_of(y) != y).flatten()[0])
+        png = draw_clean_and_triggered(x[i], attack.apply(x[i:i + 1])[0], path, f"{attack.name}: one test cloud")
+        return png, (f"{attack.name}: a clean test cloud (left) and the same cloud with the trigger the "
+                     "model was backdoored with (right; changed points in red). Read: the trigger a "
+                     "purified model must stop reacting to.")
+
     # ---------------------------------------------------------------- data
     def _load_source(self, cfg: PointCloudParams, out_dir: Path, seed: int):
         n = cfg.num_points
