@@ -17,6 +17,7 @@ from modalities.kit import SPLITS, ClassifierModality
 from modalities.pointcloud import data as pcdata
 from modalities.pointcloud.attacks import ATTACKS
 from modalities.pointcloud.config import PointCloudParams
+from modalities.pointcloud.geometry import read_off
 from modalities.pointcloud.models import MODELS
 
 
@@ -130,14 +131,19 @@ class PointCloudModality(ClassifierModality):
                        split: str = "test", num_points: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A user's clouds in ModelNet's layout (``<class>/<split>/*.off``, classes sorted by name) or the
         ``modelnet40_normal_resampled`` layout, ``split`` (default test), as ``[N, 3, P]`` in the unit cube.
-        ``P``: ``input_shape[1]`` (the model's), else ``num_points``, else 1,024. ``normalize`` is not
-        used: every cloud is centred and scaled into the unit cube (files this modality wrote already are)."""
+        ``P``: ``input_shape[1]`` (the model's), else ``num_points``, else the point count of the first
+        file when this modality wrote it (``smoothpurify poison``), else 1,024 (Qi et al.). ``normalize`` is
+        not used: every cloud is centred and scaled into the unit cube (files this modality wrote already are)."""
         if normalize is not None:
             raise SmoothPurifyError("--normalize does not apply to point clouds (they are scaled into the unit cube)")
-        n = int(input_shape[1]) if input_shape else int(num_points or 1024)
         root = Path(path).expanduser()
         if not root.is_dir():
             raise SmoothPurifyError(f"{root}: expected a ModelNet-layout folder (<class>/{split}/*.off)")
+        n = int(input_shape[1]) if input_shape else num_points
+        if n is None:
+            first = next(iter(sorted(root.glob(f"*/{split}/*.off"))), None)
+            verts, faces, normalised = read_off(first) if first is not None else (None, [1], False)
+            n = len(verts) if normalised and not len(faces) else 1024
         x, y, _ = pcdata.load_any(root, split, n, seed=0)
         return torch.from_numpy(x.transpose(0, 2, 1).copy()), torch.from_numpy(y)
 

@@ -105,8 +105,9 @@ class SetAbstraction(nn.Module):
 def head(widths: list[int], num_classes: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for c_in, c_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out), nn.ReLU(),
-                   nn.Dropout(dropout)]
+        # No BatchNorm here (the paper's head has it): a training set whose size leaves a last batch of
+        # one or two clouds made BatchNorm1d's statistics degenerate and training collapsed mid-run.
+        layers += [nn.Linear(c_in, c_out), nn.ReLU(), nn.Dropout(dropout)]
     return nn.Sequential(*layers, nn.Linear(widths[-1], num_classes))
 
 
@@ -154,9 +155,13 @@ def pointnet2_ssg(num_classes: int, num_points: int = 1024) -> nn.Module:
 
 @MODELS.register("pointnet2_ssg_small")
 def pointnet2_ssg_small(num_classes: int, num_points: int = 1024) -> nn.Module:
-    """The same architecture at a quarter of the channels and smaller groups: the CPU smoke model."""
+    """The same architecture at a quarter of the channels, smaller groups and radii scaled to the
+    point density: the CPU smoke model."""
+    # Radii grow as the clouds thin out (point spacing ~ 1 / sqrt(P)): at 256 points the paper's 0.2
+    # ball around a centroid holds one or two neighbours and the local features degenerate.
+    grow = max(1.0, (1024 / num_points) ** 0.5)
     return PointNet2SSG(num_classes, num_points, width=0.25, npoints=(max(1, num_points // 4), max(1, num_points // 16)),
-                        nsamples=(16, 16), dropout=0.3)
+                        nsamples=(16, 16), radii=(0.2 * grow, 0.4 * grow), dropout=0.3)
 
 
 @MODELS.register("pointnet")
