@@ -58,3 +58,12 @@ def test_bad_point_cloud_folder_is_one_error_line(user):
               "no-such-folder", "--out", "p2", cwd=d)
     assert out.returncode != 0
     assert "error" in out.stderr.lower() and "Traceback" not in out.stderr
+
+
+def test_report_figure_of_a_clean_and_a_triggered_cloud(user, tmp_path):
+    _, built = user
+    mod = built.modality
+    attack = mod.load_attack(built.model_dir(built.attack), mod.data_meta(built.data_dir))
+    png, caption = mod.trigger_figure(built.data_dir, attack, tmp_path / "trigger.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "triggered" in caption or "trigger" in caption
