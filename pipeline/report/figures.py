@@ -77,6 +77,10 @@ def make_figures(modality: str, params: dict[str, Any], attacks: list[str], meth
     figures = Figures(verdict=_verdict_figure(run, verdicts or [], rows or []))
     for attack in attacks:
         figs = figures.per_attack.setdefault(attack, [])
+        # Optional modality hook (point clouds): a clean input beside the same input with the trigger.
+        draw = getattr(run.modality, "trigger_figure", None)
+        if callable(draw) and (run.model_dir(attack) / "trigger.safetensors").is_file():
+            figs.append(draw(run.data_dir, run.load_trigger(attack), out / "trigger" / f"{attack}.png"))
         series = []
         for name in model_names(attack, methods):
             rec = run.read_json(run.analysis_record(attack, name))

@@ -1,0 +1,229 @@
+"""Point-cloud datasets: the embedded default composed from CGAL's real meshes, and the loaders of
+ModelNet10/40 (class folders of ``.off`` meshes) and ``modelnet40_normal_resampled`` (text clouds).
+
+The default is written in ModelNet's layout (``<root>/<class>/<train|test>/<name>.off``) and read
+back through the same loader that reads ModelNet, so that path is exercised on every run. Every
+loader returns ``x: [N, P, 3]`` float32 (see :mod:`modalities.pointcloud.geometry` for the
+convention), ``y: [N]`` int64 and the class names.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from smoothpurify import SmoothPurifyError
+from modalities.pointcloud.geometry import cloud_from_mesh, random_view, read_off, write_off
+
+CGAL_PACKAGE = "libcgal-demo"
+CGAL_TARBALL = "usr/share/doc/libcgal-dev/data.tar.gz"
+# Seven shape classes of the meshes in CGAL's demo data (Debian libcgal-demo 5.5.1): each class has
+# several distinct meshes so that the split by mesh leaves some in train and some in test.
+CGAL_CLASSES: dict[str, tuple[str, ...]] = {
+    "animal": ("bear", "bull", "camel", "cow", "diplodocus", "dino", "elephant", "elk", "lion", "pig",
+               "triceratops"),
+    "humanoid": ("armadillo", "homer", "man", "mannequin-devil"),
+    "mechanical": ("anchor", "blade", "couplingdown", "dragknob", "fandisk", "joint", "mech-holes-shark", "part",
+                   "pinion", "rotor", "spool", "turbine"),
+    "box": ("beam", "cheese-box", "cube", "cube-meshed", "cube_quad", "oblong", "small_cube"),
+    "round": ("blob-closed", "blobby", "ellipsoid", "geosphere", "larger_sphere", "sphere", "sphere966"),
+    "ring": ("3torus", "double-torus-3-holes", "double-torus-example", "eight", "knot", "knot1", "knot2",
+             "torus_quad"),
+    "polyhedron": ("icosahedron", "octahedron", "pyramid", "star", "tetrahedron", "tripod"),
+}
+
+
+# --------------------------------------------------------------------------- CGAL meshes
+def _cgal_from_deb(cache_dir: Path) -> Path | None:
+    """``apt-get download`` + ``dpkg-deb --fsys-tarfile`` (no root): unpack ``data/meshes`` into the cache."""
+    target = cache_dir / "cgal-meshes"
+    if (target / "data" / "meshes").is_dir():
+        return target / "data" / "meshes"
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(["apt-get", "download", CGAL_PACKAGE], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob(f"{CGAL_PACKAGE}_*.deb"))
+        if got.returncode != 0 or not debs:
+            return None
+        fs = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(debs[0])], capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(fs)) as outer:
+            member = next((m for m in outer.getmembers() if m.name.lstrip("./") == CGAL_TARBALL), None)
+            if member is None:
+                return None
+            inner = outer.extractfile(member).read()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir))
+        with tarfile.open(fileobj=io.BytesIO(inner)) as tar:
+            # Only regular .off files under data/meshes: nothing else from the archive touches the disk.
+            keep = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("data/meshes/")
+                    and m.name.endswith(".off") and "/.." not in m.name]
+            tar.extractall(staging, members=keep, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target / "data" / "meshes"
+
+
+def cgal_mesh_dir(cache_dir: Path) -> tuple[Path, str]:
+    """The folder of CGAL's ``.off`` meshes: the installed package's tarball or a fetched ``.deb``."""
+    system = Path("/") / CGAL_TARBALL
+    if system.is_file():
+        target = Path(cache_dir) / "cgal-meshes"
+        if not (target / "data" / "meshes").is_dir():
+            with tarfile.open(system) as tar:
+                keep = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("data/meshes/")
+                        and m.name.endswith(".off")]
+                tar.extractall(target, members=keep, filter="data")
+        return target / "data" / "meshes", f"Debian {CGAL_PACKAGE} (installed)"
+    folder = _cgal_from_deb(Path(cache_dir))
+    if folder is None:
+        raise SmoothPurifyError(f"no CGAL meshes: install the Debian package {CGAL_PACKAGE} (or let `apt-get "
+                                "download` reach the package lists; run `apt-get update` once), or set "
+                                "pointcloud.dataset to modelnet40 with pointcloud.data_path")
+    return folder, f"Debian {CGAL_PACKAGE} (apt-get download)"
+
+
+def split_meshes(names: list[str], test_share: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """A class's meshes split into train and test (at least one each): no mesh is in both."""
+    order = [names[i] for i in rng.permutation(len(names))]
+    n_test = min(max(1, int(round(test_share * len(names)))), len(names) - 1)
+    return sorted(order[n_test:]), sorted(order[:n_test])
+
+
+def compose_cgal(mesh_dir: Path, out_root: Path, num_points: int, per_class: dict[str, int], test_share: float,
+                 seed: int) -> dict[str, list[str]]:
+    """Write views of CGAL meshes in ModelNet's layout under ``out_root``; returns the meshes per split.
+
+    Each class gets ``per_class[split]`` views spread evenly over that split's meshes (so a class's
+    size does not depend on how many meshes it has); each view is :func:`random_view`.
+    """
+    rng = np.random.default_rng(seed)
+    used: dict[str, list[str]] = {"train": [], "test": []}
+    for cls, names in CGAL_CLASSES.items():
+        present = [n for n in names if (mesh_dir / f"{n}.off").is_file()]
+        if len(present) < 2:
+            raise SmoothPurifyError(f"{mesh_dir}: class {cls} needs two of its meshes, found {present}")
+        for split, meshes in zip(("train", "test"), split_meshes(present, test_share, rng)):
+            loaded = [read_off(mesh_dir / f"{m}.off")[:2] for m in meshes]
+            for k in range(per_class[split]):
+                j = k % len(meshes)
+                pts = random_view(*loaded[j], num_points, rng)
+                write_off(out_root / cls / split / f"{cls}_{meshes[j]}_{k:04d}.off", pts)
+            used[split] += [f"{cls}/{m}" for m in meshes]
+    return used
+
+
+# --------------------------------------------------------------------------- ModelNet layouts
+def class_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_modelnet(root: Path, split: str, num_points: int, seed: int, limit: int | None = None,
+                  classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """ModelNet10/40's layout: ``<root>/<class>/<split>/*.off`` (classes sorted by name). Meshes are
+    sampled by area (``num_points``, seeded per file); ``limit`` takes an even share per class first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SmoothPurifyError(f"dataset path not found: {root}")
+    classes = classes or class_folders(root)
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name / split).glob("*.off"))]
+    if not files:
+        raise SmoothPurifyError(f"{root}: no <class>/{split}/*.off files (ModelNet layout)")
+    rng = np.random.default_rng(seed)
+    if limit and len(files) > limit:
+        keep = np.sort(rng.choice(len(files), limit, replace=False))
+        files = [files[i] for i in keep]
+    x = np.stack([cloud_from_mesh(*read_off(f), num_points, np.random.default_rng([seed, i]))
+                  for i, (f, _) in enumerate(files)])
+    return x, np.array([c for _, c in files], dtype=np.int64), classes
+
+
+def load_resampled(root: Path, split: str, num_points: int, seed: int, limit: int | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``modelnet40_normal_resampled``: ``<root>/modelnet{10,40}_shape_names.txt``, ``..._<split>.txt``
+    listing ``<class>_<nnnn>``, each ``<root>/<class>/<class>_<nnnn>.txt`` of ``x,y,z,nx,ny,nz`` rows.
+    A seeded random subset of ``num_points`` points per cloud, normalised (normals are dropped)."""
+    root = Path(root)
+    names_file = next(iter(sorted(root.glob("modelnet*_shape_names.txt"))), None)
+    if names_file is None:
+        raise SmoothPurifyError(f"{root}: no modelnet*_shape_names.txt (modelnet40_normal_resampled layout)")
+    prefix = names_file.name[:-len("_shape_names.txt")]
+    classes = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
+    listing = root / f"{prefix}_{split}.txt"
+    if not listing.is_file():
+        raise SmoothPurifyError(f"{root}: no {listing.name}")
+    items = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
+    rng = np.random.default_rng(seed)
+    if limit and len(items) > limit:
+        items = [items[i] for i in np.sort(rng.choice(len(items), limit, replace=False))]
+    xs, ys = [], []
+    for i, item in enumerate(items):
+        cls = item.rsplit("_", 1)[0]
+        if cls not in classes:
+            raise SmoothPurifyError(f"{listing}: {item!r} is of no class in {names_file.name}")
+        path = root / cls / f"{item}.txt"
+        try:
+            pts = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)[:, :3]
+        except (OSError, ValueError) as err:
+            raise SmoothPurifyError(f"{path}: not a comma-separated point file ({err})") from None
+        xs.append(cloud_from_mesh(pts, np.zeros((0, 3), np.int64), False, num_points,
+                                  np.random.default_rng([seed, i])))
+        ys.append(classes.index(cls))
+    if not xs:
+        raise SmoothPurifyError(f"{listing}: lists no clouds")
+    return np.stack(xs), np.array(ys, dtype=np.int64), classes
+
+
+def load_any(root: Path, split: str, num_points: int, seed: int, limit: int | None = None):
+    """Either layout, told apart by the ``*_shape_names.txt`` file of the resampled one."""
+    root = Path(root)
+    if any(root.glob("modelnet*_shape_names.txt")):
+        return load_resampled(root, split, num_points, seed, limit)
+    return load_modelnet(root, split, num_points, seed, limit)
+
+
+def write_modelnet(root: Path, split: str, x: np.ndarray, y: np.ndarray, classes: list[str]) -> None:
+    """Clouds as point-only OFF files in ModelNet's layout (every class folder made, even if empty)."""
+    for c in classes:
+        (Path(root) / c / split).mkdir(parents=True, exist_ok=True)
+    for i, (pts, label) in enumerate(zip(x, y)):
+        write_off(Path(root) / classes[int(label)] / split / f"{classes[int(label)]}_{i:05d}.off", pts)
+
+
+# --------------------------------------------------------------------------- synthetic (offline checks)
+def synthetic(n: int, num_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Six primitive shapes (sphere, cube surface, cylinder, cone, torus, plane) as noisy clouds: a
+    learnable set made here in milliseconds for the conformance suite and tests; never a benchmark."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 6
+    out = np.empty((n, num_points, 3), np.float32)
+    for i, c in enumerate(y):
+        u, v = rng.random(num_points), rng.random(num_points)
+        t = 2 * np.pi * u
+        if c == 0:
+            p = rng.normal(size=(num_points, 3))
+            p /= np.linalg.norm(p, axis=1, keepdims=True)
+        elif c == 1:
+            p = rng.uniform(-1, 1, (num_points, 3))
+            ax = rng.integers(0, 3, num_points)
+            p[np.arange(num_points), ax] = np.sign(p[np.arange(num_points), ax])
+        elif c == 2:
+            p = np.stack([np.cos(t), np.sin(t), 2 * v - 1], 1)
+        elif c == 3:
+            p = np.stack([v * np.cos(t), v * np.sin(t), 1 - 2 * v], 1)
+        elif c == 4:
+            s = 2 * np.pi * v
+            p = np.stack([(1 + 0.4 * np.cos(s)) * np.cos(t), (1 + 0.4 * np.cos(s)) * np.sin(t), 0.4 * np.sin(s)], 1)
+        else:
+            p = np.stack([2 * u - 1, 2 * v - 1, 0.05 * rng.normal(size=num_points)], 1)
+        p = p + rng.normal(0, 0.02, p.shape)
+        centred = p - p.mean(0)
+        out[i] = 0.5 + 0.45 * centred / np.linalg.norm(centred, axis=1).max()
+    return out, y.astype(np.int64)

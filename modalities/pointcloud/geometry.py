@@ -1,0 +1,153 @@
+"""Meshes and point clouds as numpy arrays: the OFF format, area-weighted surface sampling and the
+normalisation every cloud of this modality shares.
+
+Convention: a cloud is ``[P, 3]`` float32 with coordinates in the unit cube, centred at 0.5 with its
+farthest point at radius :data:`RADIUS` (0.45). Keeping inputs in ``[0, 1]`` lets the core's
+input-space defenses (AWM, I-BAU), which clip perturbed inputs to ``[0, 1]``, work unchanged; the
+models map it back to the unit ball (``2x - 1``) themselves.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from smoothpurify import SmoothPurifyError
+
+RADIUS = 0.45
+# A written cloud that is already normalised says so in its OFF header, so that reading it back never
+# renormalises it (a triggered cloud must keep its trigger exactly where the attack put it).
+NORMALISED_TAG = "# smoothpurify: normalised unit-cube point cloud"
+
+
+# --------------------------------------------------------------------------- OFF
+def parse_off(text: str, source: str = "OFF") -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(vertices [V, 3], triangles [T, 3], normalised)`` from the text of an OFF file.
+
+    Accepts OFF / COFF / NOFF headers, the ModelNet quirk of counts glued to the header
+    (``OFF490 518 0``), ``#`` comments, per-vertex colours after x y z, and polygons of any size
+    (fan-triangulated). A bad file raises one :class:`SmoothPurifyError` line naming ``source``.
+    """
+    normalised = NORMALISED_TAG in text
+    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines or not lines[0].lstrip().upper().split()[0].rstrip("0123456789").endswith("OFF"):
+        raise SmoothPurifyError(f"{source}: not an OFF file (no OFF header)")
+    head = lines[0].split()
+    rest = head[0].upper().split("OFF", 1)[1]
+    counts = ([rest] if rest else []) + head[1:]
+    body = 1
+    if len(counts) < 2:
+        if len(lines) < 2:
+            raise SmoothPurifyError(f"{source}: OFF header has no vertex / face counts")
+        counts, body = lines[1].split(), 2
+    try:
+        nv, nf = int(counts[0]), int(counts[1])
+    except (ValueError, IndexError):
+        raise SmoothPurifyError(f"{source}: bad OFF counts {' '.join(counts)!r}") from None
+    if nv < 1 or nf < 0 or len(lines) < body + nv + nf:
+        raise SmoothPurifyError(f"{source}: OFF says {nv} vertices and {nf} faces but has {len(lines) - body} lines")
+    try:
+        verts = np.array([ln.split()[:3] for ln in lines[body:body + nv]], dtype=np.float64)
+        tris: list[list[int]] = []
+        for ln in lines[body + nv:body + nv + nf]:
+            vals = ln.split()
+            k = int(vals[0])
+            idx = [int(v) for v in vals[1:1 + k]]
+            if len(idx) < k:
+                raise ValueError(ln)
+            tris.extend([idx[0], idx[j], idx[j + 1]] for j in range(1, k - 1))  # fan triangulation
+    except ValueError:
+        raise SmoothPurifyError(f"{source}: malformed OFF vertex or face line") from None
+    if verts.shape != (nv, 3) or not np.isfinite(verts).all():
+        raise SmoothPurifyError(f"{source}: OFF vertices must be three finite numbers each")
+    faces = np.array(tris, dtype=np.int64).reshape(-1, 3)
+    if faces.size and (faces.min() < 0 or faces.max() >= nv):
+        raise SmoothPurifyError(f"{source}: a face refers to a vertex outside 0..{nv - 1}")
+    return verts, faces, normalised
+
+
+def read_off(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as err:
+        raise SmoothPurifyError(f"cannot read {path}: {err.strerror}") from None
+    return parse_off(text, str(path))
+
+
+def write_off(path: Path, points: np.ndarray, faces: np.ndarray | None = None, normalised: bool = True) -> None:
+    """Write an OFF file atomically (temp file + rename); a point cloud is an OFF with 0 faces."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faces = np.zeros((0, 3), np.int64) if faces is None else faces
+    lines = ["OFF"] + ([NORMALISED_TAG] if normalised else []) + [f"{len(points)} {len(faces)} 0"]
+    lines += [f"{a:.6f} {b:.6f} {c:.6f}" for a, b, c in points]
+    lines += [f"3 {a} {b} {c}" for a, b, c in faces]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- sampling
+def triangle_areas(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    a, b, c = (verts[faces[:, k]] for k in range(3))
+    return 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+
+
+def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` points uniformly on the surface: a triangle with probability proportional to its area,
+    then a uniform point in it (barycentric ``(1 - sqrt(u), sqrt(u)(1 - v), sqrt(u) v)``)."""
+    areas = triangle_areas(verts, faces) if len(faces) else np.zeros(0)
+    total = float(areas.sum())
+    if not np.isfinite(total) or total <= 0:
+        if len(verts) == 0:
+            raise SmoothPurifyError("cannot sample points from an empty mesh")
+        return verts[rng.integers(0, len(verts), n)]  # a point-only OFF: its vertices are the cloud
+    tri = rng.choice(len(faces), size=n, p=areas / total)
+    u, v = rng.random(n), rng.random(n)
+    su = np.sqrt(u)
+    w = np.stack([1 - su, su * (1 - v), su * v], axis=1)
+    corners = verts[faces[tri]]                                    # [n, 3 corners, 3 coords]
+    return (w[:, :, None] * corners).sum(axis=1)
+
+
+def normalise(points: np.ndarray) -> np.ndarray:
+    """Centre on the mean, scale the farthest point to :data:`RADIUS`, shift to the cube's centre."""
+    p = points - points.mean(axis=0, keepdims=True)
+    r = float(np.linalg.norm(p, axis=1).max())
+    return (0.5 + RADIUS * p / (r if r > 0 else 1.0)).astype(np.float32)
+
+
+def rotation_z(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def random_view(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator,
+                scale: tuple[float, float] = (0.8, 1.25), jitter: float = 0.01, clip: float = 0.05) -> np.ndarray:
+    """One training view of a mesh: ``n`` area-weighted surface points, a random rotation about the
+    up (z) axis, an anisotropic scale drawn per axis from ``scale``, Gaussian jitter (sigma
+    ``jitter``, clipped at ``clip``, in unit-ball units), then :func:`normalise`."""
+    pts = sample_surface(verts, faces, n, rng)
+    pts = pts - pts.mean(axis=0)
+    pts = pts / max(float(np.linalg.norm(pts, axis=1).max()), 1e-12)
+    pts = pts @ rotation_z(rng.uniform(0, 2 * np.pi)).T * rng.uniform(*scale, size=3)
+    pts = pts + np.clip(rng.normal(0.0, jitter, pts.shape), -clip, clip)
+    return normalise(pts)
+
+
+def cloud_from_mesh(verts: np.ndarray, faces: np.ndarray, normalised: bool, n: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """The ``n``-point cloud a file stands for: a normalised point cloud with ``n`` points is kept as
+    is (order included); otherwise points are sampled (area-weighted on a mesh, a random subset of a
+    point-only file) and normalised."""
+    if normalised and not len(faces) and len(verts) == n:
+        return verts.astype(np.float32)
+    if not len(faces):
+        pts = verts[rng.choice(len(verts), n, replace=len(verts) < n)]
+    else:
+        pts = sample_surface(verts, faces, n, rng)
+    return pts.astype(np.float32) if normalised else normalise(pts)
