@@ -149,7 +149,7 @@ class PointNet(nn.Module):
 
 @MODELS.register("pointnet2_ssg")
 def pointnet2_ssg(num_classes: int, num_points: int = 1024) -> nn.Module:
-    """The paper's network (SFT Table 4's model)."""
+    """PointNet++ SSG (Qi et al. 2017), the SFT paper's Table 4 model."""
     return PointNet2SSG(num_classes, num_points)
 
 
@@ -166,4 +166,5 @@ def pointnet2_ssg_small(num_classes: int, num_points: int = 1024) -> nn.Module:
 
 @MODELS.register("pointnet")
 def pointnet(num_classes: int, num_points: int = 1024) -> nn.Module:
+    """PointNet (Qi et al. 2017, CVPR) at a quarter of the channels: the small option."""
     return PointNet(num_classes, num_points, width=0.25)
