@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from rich.console import Console
 from prefect import flow
 
 from flows.orphans import guard_temporary_server
@@ -76,8 +77,11 @@ def run_pipeline(modality: str, params: dict[str, Any], attacks: list[str] | Non
                               "(* best among the methods that removed the backdoor)", method_columns(run.modality.metrics))
     print_table(smoothness, "smoothness (fixed batch: clean + poisoned inputs with true labels)",
                 SMOOTHNESS_COLUMNS)
-    print("\n".join(["verdict: " + summary["verdict"][0], *(f"  {line}" for line in summary["verdict"][1:])]))
-    print(f"total {time.perf_counter() - started:.0f} s; report: {md} | {page}")
+    # On stdout like the tables: Prefect's log_prints would send print() to a log hidden at WARNING.
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print("\n".join(["verdict: " + summary["verdict"][0], *(f"  {line}" for line in summary["verdict"][1:]),
+                             f"total {time.perf_counter() - started:.0f} s; report: {md} | {page}"]),
+                  markup=False, highlight=False, soft_wrap=True)
     return summary
 
 

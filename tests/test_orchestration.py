@@ -23,7 +23,7 @@ def write_params(tmp_path: Path, params: dict) -> Path:
 
 
 @pytest.mark.pipeline
-def test_image_flow_runs_without_server(tiny_params, tmp_path, monkeypatch):
+def test_image_flow_runs_without_server(tiny_params, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     from prefect.testing.utilities import prefect_test_harness
 
@@ -39,6 +39,8 @@ def test_image_flow_runs_without_server(tiny_params, tmp_path, monkeypatch):
     assert (Path(tiny_params["run_dir"]) / "image" / "report.html").is_file()
     saved = json.loads((Path(tiny_params["run_dir"]) / "image" / "summary.json").read_text())
     assert saved == summary
+    out = capsys.readouterr().out  # the verdict reaches the terminal, not only Prefect's log
+    assert f"verdict: {summary['verdict'][0]}" in out and summary["verdict"][1] in out and "report: " in out
 
 
 def _run(args, cwd, env_extra=None):
