@@ -8,11 +8,11 @@ left out (they cannot show a backdoor).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.checkpoint import load_meta
 from modalities.contract import Modality
 
 
@@ -22,10 +22,10 @@ def _trigger_meta(trigger_dir: Path) -> dict[str, Any]:
         hint = " (the benign model has none)" if trigger_dir.name == "benign" else ""
         raise SmoothPurifyError(f"no trigger in {trigger_dir}{hint}: expected the folder of a backdoored model "
                                 "with trigger.safetensors, e.g. runs/image/models/badnets")
+    meta = load_meta(trigger_dir / "model.safetensors")  # its sidecar, model.json
     try:
-        meta = json.loads((trigger_dir / "model.json").read_text())
         return {"num_classes": int(meta["num_classes"]), "input_shape": [int(v) for v in meta["input_shape"]]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         raise SmoothPurifyError(f"{trigger_dir / 'model.json'} is missing or lacks num_classes / input_shape; "
                                 "it is written next to the trigger by `smoothpurify attack`") from None
 

@@ -75,6 +75,20 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _finish_grid(fig: Figure, axes: Any, used: int, legend_cols: int, title: str | None, path: Path,
+                 header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """The common end of a small-multiples figure: unused cells hidden, one legend (from the first
+    panel) under the grid, the title, the CSV of what was drawn, the checked PNG."""
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=legend_cols)
+    if title:
+        fig.suptitle(title)
+    write_csv(path.with_suffix(".csv"), header, rows)
+    return _save(fig, path)
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
 
@@ -106,14 +120,8 @@ def plot_verdict(groups: dict[str, Sequence[dict[str, Any]]], path: Path, attack
             ax.set_ylim(0, 105)
             ax.grid(axis="y", alpha=0.3)
             rows += [(attack, r["method"], r.get("status", ""), r["attack"], r["clean"]) for r in items]
-        for ax in axes[len(groups):]:
-            ax.set_visible(False)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=3)
-        if title:
-            fig.suptitle(title)
-        write_csv(path.with_suffix(".csv"), ["attack", "method", "verdict", attack_label, clean_label], rows)
-        return _save(fig, path)
+        return _finish_grid(fig, axes, len(groups), 3, title, path,
+                            ["attack", "method", "verdict", attack_label, clean_label], rows)
 
 
 def plot_density(series: Sequence[dict[str, Any]], path: Path, title: str | None = None) -> Path:
@@ -183,16 +191,10 @@ def plot_curves(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(CURVE_LABELS.get(metric, metric))
             ax.grid(alpha=0.3)
-        for ax in axes[len(present):]:
-            ax.set_visible(False)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))))
-        if title:
-            fig.suptitle(title)
         fields = ["epoch", "val_loss", "acc", "asr", "ra", "lambda_max"]
-        write_csv(path.with_suffix(".csv"), ["method", *fields],
-                  [(label, *(p.get(f) for f in fields)) for label, pts in series.items() for p in pts])
-        return _save(fig, path)
+        return _finish_grid(fig, axes, len(present), min(4, max(1, len(axes[0].get_legend_handles_labels()[1]))),
+                            title, path, ["method", *fields],
+                            [(label, *(p.get(f) for f in fields)) for label, pts in series.items() for p in pts])
 
 
 def tsne_embed(features: Any, seed: int = 0) -> np.ndarray:
@@ -240,11 +242,5 @@ def plot_tsne(panels: dict[str, Any], labels: Any, poisoned: Any, path: Path, ti
             ax.set_xticks([])
             ax.set_yticks([])
             rows += [(label, float(a), float(b), int(c), int(p)) for (a, b), c, p in zip(xy, labels, poisoned)]
-        for ax in axes[len(panels):]:
-            ax.set_visible(False)
-        handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="outside lower center", ncols=2)
-        if title:
-            fig.suptitle(title)
-        write_csv(path.with_suffix(".csv"), ["model", "x", "y", "true_label", "poisoned"], rows)
-        return _save(fig, path)
+        return _finish_grid(fig, axes, len(panels), 2, title, path, ["model", "x", "y", "true_label", "poisoned"],
+                            rows)
