@@ -48,6 +48,17 @@ class Categorical:
             uniform = uniform * (targets != self.ignore_index)
         return (1 - eps) * self.nll(outputs, targets) + eps * uniform.reshape(uniform.shape[0], -1).sum(dim=1)
 
+    def distill(self, outputs: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        """Knowledge distillation (Hinton et al. 2015): ``T^2 KL(softmax(t/T) || softmax(s/T))`` per
+        sample, summed over tokens; padding positions of ``targets`` contribute nothing."""
+        log_s = F.log_softmax(outputs / temperature, dim=-1)
+        log_t = F.log_softmax(teacher.detach() / temperature, dim=-1)
+        per_position = (log_t.exp() * (log_t - log_s)).sum(-1)
+        if self.ignore_index is not None:
+            per_position = per_position * (targets != self.ignore_index)
+        return temperature ** 2 * per_position.reshape(per_position.shape[0], -1).sum(dim=1)
+
     def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = F.softmax(outputs.detach(), dim=-1)
         flat = probs.reshape(-1, probs.shape[-1])
@@ -64,6 +75,14 @@ class Bernoulli:
     def smoothed_nll(self, outputs: torch.Tensor, targets: torch.Tensor, eps: float) -> torch.Tensor:
         """Binary cross-entropy against targets pulled towards 1/2 by ``eps`` (label smoothing)."""
         return self.nll(outputs, targets.to(outputs.dtype) * (1 - eps) + eps / 2)
+
+    def distill(self, outputs: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        """``T^2`` times the summed Bernoulli KL of the teacher's tempered sigmoids from the student's."""
+        soft = torch.sigmoid(teacher.detach() / temperature)
+        per_unit = (F.binary_cross_entropy_with_logits(outputs / temperature, soft, reduction="none")
+                    - F.binary_cross_entropy_with_logits(teacher.detach() / temperature, soft, reduction="none"))
+        return temperature ** 2 * per_unit.reshape(per_unit.shape[0], -1).sum(dim=1)
 
     def sample(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = torch.sigmoid(outputs.detach())

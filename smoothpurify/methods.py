@@ -36,6 +36,9 @@ class MethodConfig(BaseModel):
     feature_shift_weight: float = Field(0.0, ge=0)  # FST's alpha
     project_classifier_norm: bool = False        # FST: ||W_c|| kept at the original's after each step
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # + distill_weight * KD(model as received -> tuned model) on the clean batch (objective.py)
+    distill_weight: float = Field(0.0, ge=0)
+    distill_temperature: float = Field(2.0, gt=0)
     # data during tuning: the modality's training-time augmentation (ignored on cached features)
     augment: bool = False
     bn_mode: Literal["train", "eval"] = "train"  # batch norm while tuning: batch statistics or frozen

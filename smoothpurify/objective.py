@@ -14,6 +14,11 @@ SFT paper Eq. 6 (full) and Eq. 7 (spectral shifts); NGF uses NLL + the anchor on
 * ``<W_c, W_c^orig>``: FST's feature-shift term (Min et al., NeurIPS 2023, Eq. 3): the inner product
   of the (re-initialised) classifier weight with the backdoored model's, minimised so that the new
   classifier, and through it the features, move away from the backdoored ones.
+* ``KD``: knowledge distillation from the model as received, frozen, on the same (augmented) clean
+  batch (``Likelihood.distill``, weight ``distill_weight``). Clean inputs do not carry the trigger, so
+  the teacher passes on its clean behaviour, not the backdoor (Pang et al., "Backdoor Cleansing with
+  Unlabeled Data", CVPR 2023); with FST's fresh classifier it gives back clean accuracy that 600
+  hard labels alone cannot.
 * Label smoothing (``label_smoothing > 0``) replaces the NLL by the likelihood's smoothed loss; the
   Fisher terms always use the true likelihood.
 """
@@ -52,6 +57,9 @@ class Objective:
     label_smoothing: float = 0.0
     shift_weight: float = 0.0
     shift_reference: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned name -> W_c^orig
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    teacher: nn.Module | None = None                 # the model as received, frozen, eval mode
 
     @staticmethod
     def _trace_scale(nll: torch.Tensor, term: torch.Tensor, params: dict[str, torch.Tensor]) -> float:
@@ -84,6 +92,12 @@ class Objective:
             penalty = anchor_penalty(params, self.fisher_diag, self.anchor)
             total = total + 0.5 * self.anchor_weight * penalty
             parts["anchor"] = float(penalty.detach())
+        if self.distill_weight > 0:
+            with torch.no_grad():
+                teacher_out = call_model(self.teacher, inputs)
+            kd = self.likelihood.distill(outputs, teacher_out, targets, self.distill_temperature).mean()
+            total = total + self.distill_weight * kd
+            parts["distill"] = float(kd.detach())
         if self.shift_weight > 0:
             shift = torch.stack([(params[n] * ref).sum() for n, ref in self.shift_reference.items()]).sum()
             total = total + self.shift_weight * shift

@@ -8,6 +8,7 @@ poisoned data: ``evaluate`` is for reporting only and never steers the run.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -228,6 +229,12 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         if cfg.reinit_classifier:
             for name in [n for n, p in params.items() if any(p is q for q in head.parameters())]:
                 del objective.fisher_diag[name], objective.anchor[name]
+    if cfg.distill_weight > 0:
+        if not hasattr(likelihood, "distill"):
+            raise SmoothPurifyError(f"{cfg.name}: distill_weight needs a likelihood with distill() "
+                                    f"({type(likelihood).__name__} has none)")
+        objective.distill_weight, objective.distill_temperature = cfg.distill_weight, cfg.distill_temperature
+        objective.teacher = copy.deepcopy(work).eval().requires_grad_(False)
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)
     tuned.eval()
