@@ -18,8 +18,11 @@ export SMOOTHPURIFY_CANDIDATES='{
   "c-kd1-lr01": ["recommended", {"distill_weight": 1.0, "lr": 0.01}],
   "c-kd1-a05": ["recommended", {"distill_weight": 1.0, "feature_shift_weight": 0.5}],
   "c-kd1-bneval": ["recommended", {"distill_weight": 1.0, "bn_mode": "eval"}],
-  "c-ftinit-kd1": ["ft-init", {"distill_weight": 1.0, "lr": 0.005}]}'
-cands="c-kd1 c-kd2 c-kd05 c-kd1-a05 c-kd1-lr01 c-kd1-bneval c-kd1-t4 c-ftinit-kd1"
+  "c-ftinit-kd1": ["ft-init", {"distill_weight": 1.0, "lr": 0.005}],
+  "c-kd1-a1": ["recommended", {"distill_weight": 1.0, "feature_shift_weight": 1.0}],
+  "c-kd2-a1": ["recommended", {"distill_weight": 2.0, "feature_shift_weight": 1.0}]}'
+# Run 1: the first eight; run 2 (CANDS="c-kd1-a1 c-kd2-a1 c-kd1-a05", no dynamic): a stronger shift.
+cands=${CANDS:-"c-kd1 c-kd2 c-kd05 c-kd1-a05 c-kd1-lr01 c-kd1-bneval c-kd1-t4 c-ftinit-kd1"}
 sched=()
 for m in $cands; do sched+=("purify.overrides.$m.epochs=100" "purify.overrides.$m.lr_step=40"); done
 mkdir -p "$out"
