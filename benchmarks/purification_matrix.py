@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_common import link_cache, parse_set  # noqa: E402
 
 ATTACKS = ["badnets", "blend", "trojan", "sig", "wanet", "dynamic"]
-METHODS = ["recommended", "fst", "ft-init", "ft", "ft-sam", "ft-sam-sft", "sft", "sft-authors", "fsft", "ngf",
+METHODS = ["recommended", "fst-lr0.005", "fst", "ft-init", "ft", "ft-sam", "ft-sam-sft", "sft", "sft-authors", "fsft", "ngf",
            "cand-asam-rho1", "cand-fst-alpha0.05"]
 RESULTS = ROOT / "benchmarks" / "results"
 # The success bar, stated once: a purification removes the backdoor and keeps the model.

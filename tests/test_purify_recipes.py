@@ -49,6 +49,46 @@ def test_fst_term_is_the_inner_product_with_the_original_classifier():
     assert math.isclose(parts["shift"], float((params["head.weight"] * ref).sum().detach()), rel_tol=1e-6)
 
 
+def test_distillation_is_the_tempered_kl_from_the_teacher():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5)  # 4 sequences of 3 tokens, 5 classes
+    y = torch.tensor([[1, 2, -1], [0, -1, -1], [4, 4, 4], [3, 0, 1]])
+    temp = 2.0
+    p_t, p_s = torch.softmax(t / temp, -1), torch.softmax(s / temp, -1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(-1) * (y != -1)
+    torch.testing.assert_close(Categorical(ignore_index=-1).distill(s, t, y, temp), temp ** 2 * kl.sum(1))
+    q, p = torch.sigmoid(t[:, 0] / temp), torch.sigmoid(s[:, 0] / temp)
+    bern = (q * (q / p).log() + (1 - q) * ((1 - q) / (1 - p)).log()).sum(1)
+    torch.testing.assert_close(Bernoulli().distill(s[:, 0], t[:, 0], y[:, 0], temp), temp ** 2 * bern)
+    assert float(Categorical().distill(s[:, 0], s[:, 0], y[:, 0], temp).abs().max()) < 1e-6
+
+
+def test_distillation_term_in_the_objective_and_what_it_keeps():
+    torch.manual_seed(0)
+    model, (x, y) = TinyCNN(), toy_data()
+    params = dict(model.named_parameters())
+    teacher = TinyCNN()
+    obj = Objective(Categorical(), distill_weight=0.7, distill_temperature=3.0, teacher=teacher)
+    loss, parts = obj(model, params, x, y, step=0)
+    kd = Categorical().distill(model(x), teacher(x), y, 3.0).mean()
+    torch.testing.assert_close(loss, Categorical().nll(model(x), y).mean() + 0.7 * kd)
+    assert math.isclose(parts["distill"], float(kd.detach()), rel_tol=1e-5)
+    # with a fresh classifier, the received model's clean outputs are kept closer with the term than without
+    gaps = {}
+    for weight in (0.0, 5.0):
+        cfg = method_config("fst", {"epochs": 5, "batch_size": 16, "distill_weight": weight, "augment": False})
+        out = purify(model, x, y, Categorical(), cfg, progress=False).model.eval()
+        with torch.no_grad():
+            gaps[weight] = float(Categorical().distill(out(x), model.eval()(x), y, 1.0).mean())
+    assert gaps[5.0] < 0.5 * gaps[0.0], gaps
+
+
+def test_recommended_is_fst_with_distillation():
+    cfg = method_config("recommended")
+    assert cfg.reinit_classifier and cfg.project_classifier_norm and cfg.distill_weight > 0
+    assert cfg.feature_shift_weight == method_config("fst-kd").feature_shift_weight == 1.0
+
+
 def test_fst_reinitialises_the_classifier_and_keeps_its_norm():
     torch.manual_seed(0)
     model, (x, y) = TinyCNN(), toy_data()
@@ -131,7 +171,7 @@ def test_a_destroyed_model_is_flagged_whatever_its_loss():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fst", "ft-init", "recommended", pytest.param("ft-sam", marks=pytest.mark.xfail(
+@pytest.mark.parametrize("method", ["fst", "ft-init", "fst-kd", "recommended", pytest.param("ft-sam", marks=pytest.mark.xfail(
     strict=True, reason="finding: ASAM (rho 2) leaves this tiny small_cnn BadNets at 100 % ASR; on WRN-16-1 it "
                         "removes BadNets (README, purification matrix)"))])
 def test_new_methods_lower_asr_on_a_backdoored_tiny_model(tiny_params, method):
