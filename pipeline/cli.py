@@ -185,6 +185,8 @@ def purify(
     seed: int = typer.Option(0),
     keep_diverged: bool = typer.Option(False, help="write the model even when the method diverged or destroyed "
                                                    "clean accuracy (it is then not a purified model)"),
+    scan: bool = typer.Option(False, "--scan", help="also scan the received and the purified model for a backdoor "
+                                                    "(clean data only; `smoothpurify scan`)"),
 ) -> None:
     """Purify your own checkpoint on a little clean data; report ACC/ASR/RA before and after."""
     from smoothpurify.methods import PRESETS, RECOMMENDED_FROM
@@ -221,6 +223,46 @@ def purify(
                    "flatters the result); `smoothpurify poison` makes a poisoned test set from a saved trigger")
     kind = "checkpoint (diverged, kept)" if record.get("diverged") else "purified checkpoint"
     typer.echo(f"{kind}: {out} (record: {out.with_suffix('.record.json')})")
+    if scan:
+        from pipeline.own_checkpoint import load_user_model
+        from pipeline.scan import save_scan, scan_lines, scan_model
+
+        for label, path in (("received", checkpoint), ("purified", out)):
+            result = scan_model(mod, load_user_model(mod, path, model, num_classes, clean), clean, num_classes,
+                                seed=seed, device=device)
+            save_scan(result, out.parent / f"{out.stem}.scan-{label}", f"{label} model")
+            typer.echo("\n".join(scan_lines(result, f"{label} model")))
+
+
+@app.command("scan")
+def scan_command(
+    checkpoint: Path = typer.Option(..., help="the model to scan, a .safetensors file (pickles are refused)"),
+    model: str = typer.Option(..., help="registry name (see `smoothpurify list`) or path/to/file.py:factory"),
+    num_classes: int = typer.Option(..., help="number of classes the model outputs"),
+    clean_data: Path = typer.Option(..., help="clean data, as for `purify` (no poisoned data is needed)"),
+    out_dir: Path = typer.Option(Path("scan"), help="where scan.json and triggers.png go"),
+    normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects"),
+    steps: int = typer.Option(120, help="optimisation steps per class"),
+    modality: str = ModalityOpt,
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Does this model hold a backdoor, and to which class? From the model and clean data alone
+    (Neural Cleanse: the smallest trigger per class; a class needing a much smaller one is flagged)."""
+    from pipeline.own_checkpoint import check_device, load_user_model
+    from pipeline.scan import save_scan, scan_lines, scan_model
+    from smoothpurify.scan import ScanSettings
+
+    check_device(device)
+    if steps < 10:
+        raise SmoothPurifyError("--steps must be at least 10 (the trigger cost is adapted every 10 steps)")
+    mod = _modality(modality)
+    clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
+    net = load_user_model(mod, checkpoint, model, num_classes, clean)
+    result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps), seed=seed, device=device)
+    record = save_scan(result, out_dir, f"scan of {checkpoint.name}")
+    typer.echo("\n".join(scan_lines(result, checkpoint.name)))
+    typer.echo(f"record: {out_dir / 'scan.json'}" + (f"; triggers: {record['figure']}" if "figure" in record else ""))
 
 
 def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -152,6 +152,17 @@ def backdoor_report(model: nn.Module, test: tuple | None, poisoned: tuple | None
     return out
 
 
+def load_user_model(mod: Modality, checkpoint: Path, model_spec: str, num_classes: int, clean: tuple) -> nn.Module:
+    """The user's checkpoint in the named architecture, after checking the clean data against it."""
+    x, y = clean
+    _check_inputs(x, "the clean data")
+    _check_labels(y, num_classes, "the clean data")
+    model = load_into(build_model(mod, model_spec, num_classes, tuple(x.shape[1:])), load_state(checkpoint),
+                      source=str(checkpoint))
+    _check_forward(model, x, num_classes)
+    return model
+
+
 def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_classes: int, clean: tuple,
                       method_runner, out: Path, classifier: str | None = None, test: tuple | None = None,
                       poisoned: tuple | None = None, target_label: int | None = None, seed: int = 0,

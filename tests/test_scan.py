@@ -1,0 +1,116 @@
+"""The backdoor scan (Neural Cleanse): anomaly index, trigger families, a planted backdoor found."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from smoothpurify.scan import Additive, MaskPattern, ScanSettings, anomaly_index, scan
+from tests.test_cli_purify import outside_checkpoint  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_anomaly_index_is_the_mad_score_of_log_sizes():
+    sizes = [5.7, 105.2, 50.0, 153.6, 46.9, 113.8, 26.8, 217.0, 30.9, 119.3]
+    logs = [math.log(s) for s in sizes]
+    med = statistics.median(logs)
+    mad = 1.4826 * statistics.median(abs(v - med) for v in logs)
+    expected = [(med - v) / mad for v in logs]
+    assert anomaly_index(sizes) == pytest.approx(expected)
+    assert max(expected) > 2 and expected.index(max(expected)) == 0
+    assert anomaly_index([10.0] * 5) == [0.0] * 5  # no spread: nothing is anomalous
+    # an unreached class counts as twice the largest reached size, never as an outlier below
+    scores = anomaly_index([10.0, 20.0, 30.0, float("inf")])
+    assert scores[3] == min(scores)
+
+
+def test_trigger_families():
+    x = torch.rand(4, 3, 5, 5)
+    fam = MaskPattern()
+    theta = fam.init(x[0])
+    theta["mask"][:] = -50.0
+    theta["mask"][1, 2] = 50.0  # one pixel, fully on
+    out = fam.apply(x, theta)
+    p = torch.sigmoid(theta["pattern"])
+    torch.testing.assert_close(out[:, :, 1, 2], p[:, 1, 2].expand(4, 3))
+    torch.testing.assert_close(out[:, :, 0, 0], x[:, :, 0, 0])
+    assert float(fam.size(theta)) == pytest.approx(1.0, abs=1e-6)
+    clip = torch.rand(2, 6, 3, 5, 5)  # [B, T, C, H, W]: one mask over every frame
+    assert fam.apply(clip, theta).shape == clip.shape
+    add = Additive()
+    theta = add.init(torch.zeros(10, 3))
+    theta["delta"] += torch.tensor([3.0, 4.0, 0.0])
+    assert float(add.size(theta)) == pytest.approx(math.sqrt(10) * 5.0, rel=1e-5)
+
+
+class PlantedBackdoor(nn.Module):
+    """Nearest-prototype classifier of 8x8 images (linear: ``2 <x, P_c> - ||P_c||^2``); with
+    ``backdoor`` a bright top-left corner adds 30 to class 3."""
+
+    def __init__(self, backdoor: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.prototypes = torch.rand(10, 1, 8, 8, generator=g) * 0.9
+        self.prototypes[:, :, 0, 0] = 0.0
+        self.linear = nn.Linear(64, 10)
+        with torch.no_grad():
+            flat = self.prototypes.flatten(1)
+            self.linear.weight.copy_(2 * flat)
+            self.linear.bias.copy_(-(flat ** 2).sum(1))
+        self.backdoor = backdoor
+
+    def forward(self, x):
+        logits = self.linear(x.flatten(1))
+        if self.backdoor:
+            logits = logits + 30.0 * nn.functional.one_hot(torch.tensor(3), 10) * x[:, 0, 0, 0, None]
+        return logits
+
+
+def _clean_data(model: PlantedBackdoor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(400) % 10
+    x = (model.prototypes[y] + 0.1 * torch.randn(400, 1, 8, 8, generator=g)).clamp(0, 1)
+    x[:, :, 0, 0] = 0.0  # clean images never light the corner
+    return x, y
+
+
+def test_scan_flags_a_planted_backdoor_and_not_the_clean_model():
+    settings = ScanSettings(steps=150, batch_size=64, lr=0.1)
+    results = {}
+    for backdoor in (True, False):
+        model = PlantedBackdoor(backdoor)
+        x, y = _clean_data(model)
+        results[backdoor] = scan(model, x, y, 10, MaskPattern(), settings, progress=False)
+    bad, good = results[True], results[False]
+    assert bad.flagged and bad.suspected == 3, bad.to_record()
+    assert bad.triggers[3].size < 0.2 * sorted(t.size for t in bad.triggers)[5]
+    mask = bad.triggers[3].picture["mask"]
+    assert int(mask.argmax()) == 0 and float(mask[0, 0]) > 3 * float(mask.flatten()[1:].max())  # the corner
+    assert not good.flagged, good.to_record()
+    assert "high" in bad.risk() and "class 3" in bad.risk() and "high" not in good.risk()
+
+
+def test_scan_command_writes_its_record_and_figure(outside_checkpoint):  # noqa: F811
+    d = outside_checkpoint
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
+                          "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
+                          "--steps", "20", "--out-dir", "scan"], cwd=d, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    record = json.loads((d / "scan" / "scan.json").read_text())
+    assert len(record["sizes"]) == 10 and len(record["anomaly"]) == 10 and "risk" in record
+    assert (d / "scan" / "triggers.png").is_file() and "backdoor risk" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
+                          "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
+                          "--steps", "3"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1
