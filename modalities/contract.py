@@ -141,7 +141,18 @@ class Attack:
 class Modality(Protocol):
     """Everything the pipeline asks of a modality. Data are tensors: ``inputs`` (a tensor or a tuple
     of tensors) and ``targets``. :class:`modalities.kit.ClassifierModality` implements the generic
-    half; ``modalities.testing`` checks a modality against this contract."""
+    half; ``modalities.testing`` checks a modality against this contract.
+
+    Optional hooks (looked up with ``getattr``; :data:`OPTIONAL_HOOKS` names them, the conformance
+    suite checks that any a modality defines is callable with these arguments):
+
+    * ``trigger_figure(data_dir, attack, path) -> (png_path, caption)``: a picture of a clean and a
+      triggered input for the report (point clouds, video frames);
+    * ``scan_family() -> smoothpurify.scan.TriggerFamily``: the trigger the backdoor scan searches
+      (default: mask and pattern for ``[..., C, H, W]`` inputs, else a universal additive perturbation);
+    * ``training_loss(...)``: the per-sample training loss where it is not the likelihood's NLL
+      (multi-label's asymmetric loss).
+    """
 
     name: str
     likelihood: Likelihood
@@ -214,6 +225,8 @@ class Modality(Protocol):
     def evaluate(self, model: nn.Module, data_dir: Path, attack: Attack, device: str = "cpu") -> dict[str, float]:
         """One value per entry of :attr:`metrics`, keyed by ``Metric.key``."""
 
+
+OPTIONAL_HOOKS = {"trigger_figure": ("data_dir", "attack", "path"), "scan_family": (), "training_loss": None}
 
 MODALITIES = Registry("modality")  # in-process registrations; installed ones come from entry points
 

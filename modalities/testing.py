@@ -12,6 +12,7 @@ suite runs in seconds without a network.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from smoothpurify import SmoothPurifyError
 from smoothpurify.metrics import Metric
 from smoothpurify.model import call_model
 from smoothpurify.training import index_inputs, num_samples
-from modalities.contract import BENIGN, Attack, Modality, get_modality
+from modalities.contract import BENIGN, OPTIONAL_HOOKS, Attack, Modality, get_modality
 
 CONTRACT_METHODS = ("config", "data_params", "training_params", "prepare_data", "data_meta", "load_split",
                     "load_user_data", "augment", "model_names", "create_model", "model_kwargs", "train_model",
@@ -73,6 +74,13 @@ def check_protocol(built: Built) -> None:
     assert mod.metrics and all(isinstance(m, Metric) for m in mod.metrics), "metrics must be a non-empty tuple of Metric"
     assert len({m.key for m in mod.metrics}) == len(mod.metrics), "metric keys must be unique"
     assert callable(getattr(mod.likelihood, "nll", None)), "likelihood needs nll(outputs, targets)"
+    for hook, args in OPTIONAL_HOOKS.items():
+        fn = getattr(mod, hook, None)
+        if fn is None or args is None:
+            continue
+        assert callable(fn), f"{built.name}.{hook} must be callable"
+        params = [p for p in inspect.signature(fn).parameters if p not in ("self",)]
+        assert tuple(params[:len(args)]) == args, f"{built.name}.{hook} takes {params}, the contract says {list(args)}"
 
 
 def check_names_and_errors(built: Built) -> None:
