@@ -108,7 +108,8 @@ def test_prefect_deployments_name_flows_parameters_and_matrix_that_exist():
         given = deployment.get("parameters") or {}
         assert set(given) <= set(inspect.signature(flow.fn).parameters), deployment["name"]
         params = load_params(ROOT / "params.yaml", given.get("profile"))
-        modality = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), "MODALITY")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        modality = given.get("modality") or getattr(module, "MODALITY")
         check_names(modality, params, given.get("attacks") or [], given.get("methods") or [])
 
 
