@@ -29,14 +29,18 @@ ATTACKS = Registry("video attack")
 
 
 def stamp(x: torch.Tensor, patch: torch.Tensor, margin: int = 1) -> torch.Tensor:
-    """``x [N, C, T, H, W]`` with ``patch [C, s, s]`` in the bottom-right corner of every frame (new tensor)."""
+    """``x [N, C, T, H, W]`` with ``patch`` in the bottom-right corner of every frame (new tensor):
+    ``[C, s, s]`` the same in every frame, ``[C, T, s, s]`` one per frame."""
     if x.dim() != 5:
         raise SmoothPurifyError(f"video attacks take clips [N, C, T, H, W], got {list(x.shape)}")
     s, (h, w) = patch.shape[-1], x.shape[-2:]
     if s + margin > min(h, w):
         raise SmoothPurifyError(f"a {s}-pixel patch does not fit frames of {h}x{w}")
     out = x.clone()
-    out[..., h - margin - s:h - margin, w - margin - s:w - margin] = patch.to(x).unsqueeze(1)
+    if patch.dim() == 4 and patch.shape[1] != x.shape[2]:
+        raise SmoothPurifyError(f"a patch for {patch.shape[1]} frames cannot be stamped on clips of {x.shape[2]}")
+    patch = patch.to(x) if patch.dim() == 4 else patch.to(x).unsqueeze(1)
+    out[..., h - margin - s:h - margin, w - margin - s:w - margin] = patch
     return out
 
 
@@ -100,7 +104,9 @@ class CleanLabelVideo(PatchAttack):
 
     def make_trigger(self) -> dict[str, torch.Tensor]:
         s = self._size()
-        return {"patch": torch.rand(self.input_shape[0], s, s, generator=self.generator)}
+        c, t = self.input_shape[:2]
+        shape = (c, t, s, s) if self.options.get("per_frame", True) else (c, s, s)
+        return {"patch": torch.rand(shape, generator=self.generator)}
 
     def _optimise_patch(self, model, x: torch.Tensor, y: torch.Tensor, device: str) -> None:
         pool = torch.nonzero(y != self.target_label).flatten()
