@@ -1,0 +1,4 @@
+"""Video action-recognition modality (entry point ``video`` in ``smoothpurify.modalities``)."""
+from modalities.video.modality import VideoModality
+
+__all__ = ["VideoModality"]
