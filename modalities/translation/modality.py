@@ -222,9 +222,18 @@ class TranslationModality(ClassifierModality):
     def translate(self, model: torch.nn.Module, src: torch.Tensor, max_len: int, device: str = "cpu",
                   batch_size: int = 250) -> torch.Tensor:
         model = model.to(device)
-        outs = [model.greedy(chunk.to(device), max_len).cpu() for chunk in src.split(batch_size)]
+        # Sorted by length so each chunk is trimmed to its own longest source (the order is restored below).
+        order = src.ne(PAD).sum(1).argsort()
+        outs = []
+        for idx in order.split(batch_size):
+            chunk = src[idx]
+            chunk = chunk[:, :int(chunk.ne(PAD).sum(1).max().clamp_min(1))]
+            # A translation is rarely over 1.5x its source (Bible verses, European pairs): fewer decoder steps.
+            steps = min(max_len, int(chunk.shape[1] * 1.5) + 10)
+            outs.append(model.greedy(chunk.to(device), steps).cpu())
         width = max(o.shape[1] for o in outs)
-        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=PAD) for o in outs])
+        out = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=PAD) for o in outs])
+        return out[order.argsort()]
 
     def evaluate(self, model: torch.nn.Module, data_dir: Path, attack, device: str = "cpu") -> dict[str, float]:
         """CT BLEU, AT BLEU and ASR with greedy decoding (reporting only)."""

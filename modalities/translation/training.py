@@ -21,6 +21,14 @@ from smoothpurify.model import call_model
 from smoothpurify.training import index_inputs, num_samples, to_device
 
 
+def trim(x: Any, y: torch.Tensor, pad: int) -> tuple[Any, torch.Tensor]:
+    """Drop the padding columns a batch does not use (splits are padded to their longest sentence)."""
+    src, prev = x
+    s = int(src.ne(pad).sum(1).max().clamp_min(1))
+    t = int(y.ne(pad).sum(1).max().clamp_min(1))
+    return (src[:, :s], prev[:, :t]), y[:, :t]
+
+
 def train_seq2seq(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, pad: int, *,
                   epochs: int, lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0,
                   clip: float = 1.0, augment: Callable | None = None, device: str = "cpu", desc: str = "train",
@@ -39,7 +47,7 @@ def train_seq2seq(model: nn.Module, inputs: Any, targets: torch.Tensor, likeliho
     for epoch in range(epochs):
         total, tokens = 0.0, 0
         for idx in torch.randperm(n, generator=gen).split(batch_size):
-            x, y = index_inputs(inputs, idx), targets[idx]
+            x, y = trim(index_inputs(inputs, idx), targets[idx], pad)
             if augment is not None:
                 x = augment(x, gen)
             y = y.to(device)
