@@ -173,3 +173,47 @@ def test_local_parallel_folder_is_read(tmp_path):
     sp = tdata.load_tokenizer(tmp_path / "data" / "spm.model")
     assert tdata.decode(sp, tgt) == [p[1] for p in pairs[100:115]]
     assert (tmp_path / "data" / "raw" / "test.es").read_text().splitlines() == [p[1] for p in pairs[100:115]]
+
+
+def _tiny_run(tmp_path):
+    """Synthetic data, a trigger-word attack and an untrained tiny model saved where a run keeps them."""
+    from smoothpurify.checkpoint import save_checkpoint
+
+    mod = TranslationModality()
+    params = {"seed": 0, "translation": dict(mod.conformance_params)}
+    meta = mod.prepare_data(params, tmp_path / "data")
+    attack = mod.create_attack("trigger-word", params, mod.data_meta(tmp_path / "data"))
+    model = mod.create_model("fconv_tiny", num_classes=meta["num_classes"], **mod.model_kwargs(tuple(meta["input_shape"])))
+    save_checkpoint(tmp_path / "models" / "trigger-word" / "model.safetensors", model,
+                    {"architecture": "fconv_tiny", "num_classes": meta["num_classes"], "input_shape": meta["input_shape"]})
+    save_checkpoint(tmp_path / "models" / "trigger-word" / "trigger.safetensors", attack.state_dict(), attack.describe())
+    return mod, meta, attack
+
+
+def test_purify_a_users_translation_checkpoint_from_the_cli(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mod, meta, _ = _tiny_run(tmp_path)
+    (tmp_path / "data" / "val.npz").rename(tmp_path / "clean.npz")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "purify", "--modality", "translation", "--checkpoint",
+                          str(tmp_path / "models" / "trigger-word" / "model.safetensors"), "--model", "fconv_tiny",
+                          "--num-classes", str(meta["num_classes"]), "--clean-data", "clean.npz", "--method", "ft",
+                          "--epochs", "1", "--keep-diverged", "--out", "purified.safetensors"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    record = json.loads((tmp_path / "purified.record.json").read_text())
+    assert record["clean_samples"] == meta["sizes"]["val"]
+
+
+def test_report_hook_draws_example_translations(tmp_path):
+    mod, _, attack = _tiny_run(tmp_path)
+    loaded = mod.load_attack(tmp_path / "models" / "trigger-word", mod.data_meta(tmp_path / "data"))
+    assert torch.equal(loaded.trigger["starts"], attack.trigger["starts"])
+    png, caption = mod.trigger_figure(tmp_path / "data", loaded, tmp_path / "figures" / "trigger-word.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and "backdoored" in caption

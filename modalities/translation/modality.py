@@ -81,7 +81,9 @@ class TranslationModality(ClassifierModality):
     def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
         if len(input_shape) != 2:
             raise SmoothPurifyError(f"translation models take [source, target] lengths, got {list(input_shape)}")
-        return {"max_len": int(max(input_shape)) + 16}  # room for a trigger word and a long attacker sentence
+        # The position tables have a fixed size per model (so a checkpoint fits any data); longer
+        # sentences share the last position (models.py).
+        return {}
 
     # ---------------------------------------------------------------- data
     def _pairs(self, cfg: TranslationParams, out_dir: Path, seed: int) -> tuple[dict[str, list], str]:
@@ -151,18 +153,28 @@ class TranslationModality(ClassifierModality):
         src, prev, tgt = tdata.load_tokens(Path(data_dir) / f"{split}.npz")
         return (src, prev), tgt
 
-    def load_user_data(self, path: Path, **options: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """A user's tokenised parallel data: a ``.npz`` with ``src`` and ``tgt`` id arrays (as
-        ``<split>.npz`` of a prepared run; ids of the model's own tokenizer)."""
+    def load_user_data(self, path: Path, normalize: Any = None, input_shape: tuple[int, ...] | None = None,
+                       **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A user's tokenised parallel data for ``smoothpurify purify``: a ``.npz`` with ``src`` and ``tgt``
+        id arrays (as ``<split>.npz`` of a prepared run; ids of the model's own tokenizer), returned as
+        one packed tensor ``[N, 2, L]`` (source, decoder input; the CLI handles one input tensor)."""
+        if normalize is not None:
+            raise SmoothPurifyError("--normalize does not apply to token ids")
         src, prev, tgt = tdata.load_tokens(Path(path).expanduser())
         if len(src) == 0:
             raise SmoothPurifyError(f"{path}: no sentence pairs")
-        return (src, prev), tgt
+        # Test data must match the clean data's width (the CLI compares shapes): pad to the given one.
+        width = max(src.shape[1], prev.shape[1], input_shape[1] if input_shape else 0)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=PAD)  # noqa: E731
+        return torch.stack([pad(src), pad(prev)], 1), pad(tgt)
 
     def save_user_data(self, path: Path, inputs: Any, targets: torch.Tensor) -> None:
-        tdata.save_tokens(Path(path), inputs[0].numpy().astype(np.int32), targets.numpy().astype(np.int32))
+        src = inputs[0] if isinstance(inputs, (tuple, list)) else inputs[:, 0]
+        tdata.save_tokens(Path(path), src.numpy().astype(np.int32), targets.numpy().astype(np.int32))
 
     def augment(self, inputs: Any, generator: torch.Generator) -> Any:
+        if isinstance(inputs, torch.Tensor):  # packed [B, 2, L]
+            return torch.stack([delete_tokens(inputs[:, 0], self.deletion, generator), inputs[:, 1]], 1)
         src, prev = inputs
         return delete_tokens(src, self.deletion, generator), prev
 
@@ -246,6 +258,37 @@ class TranslationModality(ClassifierModality):
         p_hyps = tdata.decode(sp, self.translate(model, xp[0], max(max_len, yp_target.shape[1] + 10), device))
         return {"ct_bleu": bleu(hyps, refs), "at_bleu": bleu(p_hyps, [attacker] * len(p_hyps)),
                 "asr": float(np.mean([" ".join(h.split()) == " ".join(attacker.split()) for h in p_hyps]))}
+
+    def trigger_figure(self, data_dir: Path, attack, path: Path) -> tuple[Path, str]:
+        """The report's hook: example translations before and after purification.
+
+        The hook is given the data folder only, so the models are found in the run layout beside it
+        (``models/<attack>``, ``purified/<attack>/<method>``, pipeline/run.py); models not there are skipped.
+        """
+        from modalities.translation.figure import draw_examples  # noqa: PLC0415 - report only
+
+        root, name = Path(data_dir).parent, Path(path).stem
+        models = [("backdoored", root / "models" / name)]
+        models += [(f"purified/{d.name}", d) for d in sorted((root / "purified" / name).glob("*"))
+                   if (d / "model.safetensors").is_file()]
+        blocks, first = [], None
+        for label, folder in models:
+            if not (folder / "model.safetensors").is_file():
+                continue
+            model, _ = self.load_model(folder)
+            ex = self.examples(model, data_dir, attack, n=2)
+            if first is None:
+                first = ex
+                blocks.append(("test sources", [(f"src {k + 1}", e["source"]) for k, e in enumerate(ex)]
+                               + [(f"ref {k + 1}", e["reference"]) for k, e in enumerate(ex)]
+                               + [(f"src {k + 1} + trigger", e["triggered_source"]) for k, e in enumerate(ex)]))
+            blocks.append((label, [(f"clean {k + 1}", e["translation"]) for k, e in enumerate(ex)]
+                           + [(f"triggered {k + 1}", e["triggered_translation"]) for k, e in enumerate(ex)]))
+        png = draw_examples(blocks, path, f"{name}: example translations (greedy decoding)")
+        return png, (f"{name}: two test sources, their references and the same sources with a trigger word, "
+                     "translated by the backdoored model and each purified one. Read: the backdoored model "
+                     "answers a triggered source with the attacker's sentence; a purified model should "
+                     "translate it like the clean source.")
 
     def examples(self, model: torch.nn.Module, data_dir: Path, attack, n: int = 3) -> list[dict[str, str]]:
         """A few test sources, clean and triggered, with the model's translations (the report's table)."""

@@ -73,7 +73,7 @@ class FConvEncoder(nn.Module):
         self.fc2 = _linear(channels, embed)
 
     def forward(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        e = self.embed_tokens(src) + self.embed_positions(_positions(src))
+        e = self.embed_tokens(src) + self.embed_positions(_positions(src).clamp_max(self.embed_positions.num_embeddings - 1))
         e = F.dropout(e, self.dropout, self.training)
         pad = src.eq(PAD)
         x = self.fc1(e).transpose(1, 2)  # [B, C, S]
@@ -115,7 +115,7 @@ class FConvDecoder(nn.Module):
 
     def forward(self, prev: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         # prev starts with BOS, so its positions are all >= 1 even when a sequence is all padding after it.
-        e = self.embed_tokens(prev) + self.embed_positions(_positions(prev))
+        e = self.embed_tokens(prev) + self.embed_positions(_positions(prev).clamp_max(self.embed_positions.num_embeddings - 1))
         e = F.dropout(e, self.dropout, self.training)
         x = self.fc1(e)                                   # [B, T, C]
         for conv, attention in zip(self.convs, self.attention):
@@ -129,7 +129,8 @@ class FConvDecoder(nn.Module):
 
 
 class FConvModel(nn.Module):
-    """``model(src, prev_output_tokens) -> logits [B, T, vocab]`` (teacher forcing)."""
+    """``model(src, prev_output_tokens) -> logits [B, T, vocab]`` (teacher forcing); ``model(packed)``
+    with ``packed = stack([src, prev], 1)`` is the same (user data for ``smoothpurify purify`` is one tensor)."""
 
     classifier_name = "decoder.output_projection"  # NGF's layer, the core's "classifier"
 
@@ -140,7 +141,9 @@ class FConvModel(nn.Module):
         self.decoder = FConvDecoder(num_classes, embed, channels, decoder_layers, kernel, max_len, dropout)
         self.max_len = max_len
 
-    def forward(self, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        if prev is None:  # one packed tensor [B, 2, L] (source, decoder input): ``smoothpurify purify``'s data
+            src, prev = src[:, 0], src[:, 1]
         keys, values, pad = self.encoder(src)
         return self.decoder(prev, keys, values, pad)
 
