@@ -72,7 +72,9 @@ class FConvEncoder(nn.Module):
         self.convs = nn.ModuleList(_conv(channels, kernel, dropout, kernel // 2) for _ in range(layers))
         self.fc2 = _linear(channels, embed)
 
-    def forward(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, src: torch.Tensor) -> torch.Tensor:
+        """``[B, S, 2E]``: the attention keys ``z`` and values ``z + e`` side by side. One tensor, not a
+        tuple, so hooks on the encoder (NAD's feature stages) see a tensor like any other stage."""
         e = self.embed_tokens(src) + self.embed_positions(_positions(src).clamp_max(self.embed_positions.num_embeddings - 1))
         e = F.dropout(e, self.dropout, self.training)
         pad = src.eq(PAD)
@@ -83,7 +85,7 @@ class FConvEncoder(nn.Module):
             x = F.glu(conv(F.dropout(x, self.dropout, self.training)), dim=1)
             x = (x + res) * math.sqrt(0.5)
         z = self.fc2(x.transpose(1, 2)).masked_fill(pad.unsqueeze(-1), 0.0)
-        return z, (z + e) * math.sqrt(0.5), pad
+        return torch.cat([z, (z + e) * math.sqrt(0.5)], dim=-1)
 
 
 class Attention(nn.Module):
@@ -144,8 +146,8 @@ class FConvModel(nn.Module):
     def forward(self, src: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         if prev is None:  # one packed tensor [B, 2, L] (source, decoder input): ``smoothpurify purify``'s data
             src, prev = src[:, 0], src[:, 1]
-        keys, values, pad = self.encoder(src)
-        return self.decoder(prev, keys, values, pad)
+        keys, values = self.encoder(src).chunk(2, dim=-1)
+        return self.decoder(prev, keys, values, src.eq(PAD))
 
     @torch.no_grad()
     def greedy(self, src: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -156,7 +158,8 @@ class FConvModel(nn.Module):
         """
         was = self.training
         self.eval()
-        keys, values, pad = self.encoder(src)
+        keys, values = self.encoder(src).chunk(2, dim=-1)
+        pad = src.eq(PAD)
         out = torch.full((len(src), 1), BOS, dtype=torch.long, device=src.device)
         done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
         for _ in range(min(max_len, self.max_len)):
