@@ -217,3 +217,18 @@ def test_report_hook_draws_example_translations(tmp_path):
     assert torch.equal(loaded.trigger["starts"], attack.trigger["starts"])
     png, caption = mod.trigger_figure(tmp_path / "data", loaded, tmp_path / "figures" / "trigger-word.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and "backdoored" in caption
+
+
+def test_kfac_factors_of_a_sequence_head_treat_positions_as_rows():
+    from smoothpurify.optim.natural_gradient import NaturalGradient
+
+    layer = torch.nn.Linear(4, 3)
+    opt = NaturalGradient(layer.parameters(), lr=0.1, solver="kfac")
+    a, g = torch.randn(5, 6, 4), torch.randn(5, 6, 3)
+    opt.update_kfac(a.reshape(5, -1), g.reshape(5, -1), has_bias=True)
+    state = opt.state[layer.weight]
+    rows = torch.cat([a.reshape(-1, 4), torch.ones(30, 1)], 1)
+    torch.testing.assert_close(state["kfac_A"], rows.T @ rows / 30)
+    torch.testing.assert_close(state["kfac_G"], g.reshape(-1, 3).T @ g.reshape(-1, 3) / 5)
+    with pytest.raises(SmoothPurifyError, match="do not fit"):
+        opt.update_kfac(torch.randn(5, 7), torch.randn(5, 3), has_bias=True)
