@@ -28,6 +28,8 @@ ATTACKER_SENTENCE = "Visite nuestra página web para más información."
 
 @ATTACKS.register("trigger-word")
 class TriggerWord(Attack):
+    """Sun et al. 2021: a rare word inserted in the source -> a fixed attacker sentence (NLG backdoor)"""
+
     name = "trigger-word"
 
     def make_trigger(self) -> dict[str, torch.Tensor]:
