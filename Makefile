@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# constraints.txt pins torch==2.13.0: the local CPU wheel, never the CUDA build.
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[pipeline,vision,fallback-data,multilabel,video,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[pipeline,vision,fallback-data,multilabel,video,translation,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -142,6 +142,13 @@ class NaturalGradient(Optimizer):
             raise SmoothPurifyError(f"update_kfac: has_bias={has_bias} but the param group "
                                     f"{'has' if bias is not None else 'has no'} bias")
         a, g = layer_inputs.reshape(layer_inputs.shape[0], -1), output_grads.reshape(output_grads.shape[0], -1)
+        scale = 1
+        positions = a.shape[1] // weight.shape[1] if weight.shape[1] else 0
+        if positions > 1 and a.shape[1] == positions * weight.shape[1] and g.shape[1] == positions * weight.shape[0]:
+            # A head applied at every position of a sequence ([B, T * in]): positions are rows of A and G
+            # (Grosse & Martens 2016's treatment of shared weights); G is summed over a sample's positions,
+            # so the factors keep one sentence's scale against the damping.
+            a, g, scale = a.reshape(-1, weight.shape[1]), g.reshape(-1, weight.shape[0]), positions
         if a.shape != (g.shape[0], weight.shape[1]) or g.shape[1] != weight.shape[0]:
             raise SmoothPurifyError(f"update_kfac: inputs {tuple(a.shape)} / output grads {tuple(g.shape)} "
                                     f"do not fit a weight of shape {tuple(weight.shape)}")
@@ -151,7 +158,7 @@ class NaturalGradient(Optimizer):
         state = self.state[weight]
         state.pop("chol", None)
         state["kfac_A"] = _ema(state.get("kfac_A"), a.T @ a / batch, pg["fisher_decay"])
-        state["kfac_G"] = _ema(state.get("kfac_G"), g.T @ g / batch, pg["fisher_decay"])
+        state["kfac_G"] = _ema(state.get("kfac_G"), g.T @ g * scale / batch, pg["fisher_decay"])
 
     # -- the step --------------------------------------------------------------------------------
 
