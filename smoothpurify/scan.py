@@ -27,6 +27,7 @@ knows a modality; the pipeline picks the family.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -155,7 +156,7 @@ def anomaly_index(sizes: list[float]) -> list[float]:
     finite = [s for s in sizes if math.isfinite(s)]
     if not finite:
         return [0.0] * len(sizes)
-    cap = 2 * max(finite) if finite else 1.0
+    cap = 2 * max(finite)
     values = torch.tensor([s if math.isfinite(s) else cap for s in sizes], dtype=torch.float64)
     values = values.clamp_min(1e-6).log()
     med = values.quantile(0.5)  # the mean of the two middle values (torch's median takes the lower)
@@ -207,8 +208,6 @@ def scan(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_clas
          settings: ScanSettings | None = None, *, seed: int = 0, device: str = "cpu",
          progress: bool = True) -> ScanResult:
     """Reverse-engineer a trigger for every class and flag an anomalously small one."""
-    import time
-
     settings = settings or ScanSettings()
     t0 = time.perf_counter()
     model = model.to(device).eval()
