@@ -31,7 +31,8 @@ def _method_help() -> str:
     baselines = [m for m in method_names() if m not in PRESETS]
     return (f"recommended is the default (one setting for all attacks, chosen from the benchmark matrix). Presets: "
             f"{' '.join(presets)}; ablations: {' '.join(ABLATIONS)}; baselines: {' '.join(baselines)} "
-            "(`smoothpurify list` describes each)")
+            "(`smoothpurify list` describes each); auto: tries recommended, fst, ft-sam and keeps the first "
+            "whose clean accuracy holds and that the backdoor scan does not flag (slower: one scan per try)")
 
 
 NAME_WIDTH = 20
@@ -198,8 +199,9 @@ def purify(
     check_device(device)
     mod = _modality(modality)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("augment", augment)) if v is not None}
-    _, runner = make_runner(method, overrides if method in PRESETS else {})
-    if overrides and method not in PRESETS:
+    if method != "auto":
+        _, runner = make_runner(method, overrides if method in PRESETS else {})
+    if overrides and method not in PRESETS and method != "auto":
         raise SmoothPurifyError(f"--epochs/--lr/--augment apply to the tuning presets ({', '.join(PRESETS)}), "
                                 f"not {method}")
     norm = _parse_normalize(normalize)
@@ -207,11 +209,18 @@ def purify(
     shape = tuple(clean[0].shape[1:])
     test = mod.load_user_data(test_data, norm, shape) if test_data else None
     poisoned = mod.load_user_data(poisoned_data, norm, shape) if poisoned_data else None
+    if method == "auto":
+        from pipeline.scan import scan_model
+        from smoothpurify.auto import auto_runner
+
+        runner = auto_runner(lambda net: scan_model(mod, net, clean, num_classes, seed=seed, device=device),
+                             overrides=overrides, log=typer.echo)
     record = purify_checkpoint(mod, checkpoint=checkpoint, model_spec=model, num_classes=num_classes, clean=clean,
                                method_runner=runner, out=out, classifier=classifier, test=test, poisoned=poisoned,
                                target_label=target_label, seed=seed, device=device, keep_diverged=keep_diverged,
                                warn=lambda m: typer.echo(f"warning: {m}", err=True))
-    label = f"{method} (= {RECOMMENDED_FROM} settings)" if method == "recommended" else method
+    label = (f"{method} (= {RECOMMENDED_FROM} settings)" if method == "recommended"
+             else record.get("method", method))
     if record.get("diverged"):  # only with --keep-diverged
         typer.echo(f"warning: {label}: {record.get('diverged_reason', 'diverged')}; {out} is NOT a purified model",
                    err=True)

@@ -39,6 +39,7 @@ class MethodConfig(BaseModel):
     # + distill_weight * KD(model as received -> tuned model) on the clean batch (objective.py)
     distill_weight: float = Field(0.0, ge=0)
     distill_temperature: float = Field(2.0, gt=0)
+    distill_mixup: float = Field(0.0, ge=0)      # > 0: KD on Beta(a, a) mixup views (continuous inputs)
     # data during tuning: the modality's training-time augmentation (ignored on cached features)
     augment: bool = False
     bn_mode: Literal["train", "eval"] = "train"  # batch norm while tuning: batch statistics or frozen

@@ -19,6 +19,11 @@ SFT paper Eq. 6 (full) and Eq. 7 (spectral shifts); NGF uses NLL + the anchor on
   the teacher passes on its clean behaviour, not the backdoor (Pang et al., "Backdoor Cleansing with
   Unlabeled Data", CVPR 2023); with FST's fresh classifier it gives back clean accuracy that 600
   hard labels alone cannot.
+* ``distill_mixup = a > 0``: the KD term is measured on mixup views of the batch instead,
+  ``lam x_i + (1 - lam) x_perm(i)`` with ``lam ~ Beta(a, a)`` per sample, the teacher and the tuned
+  model on the same view ("function matching", Beyer et al., CVPR 2022). A mix of two clean inputs
+  is still trigger-free, and it shows the teacher's clean function between the 600 samples, where hard
+  labels say nothing. Continuous inputs only; one more forward pass per step.
 * Label smoothing (``label_smoothing > 0``) replaces the NLL by the likelihood's smoothed loss; the
   Fisher terms always use the true likelihood.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +66,18 @@ class Objective:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     teacher: nn.Module | None = None                 # the model as received, frozen, eval mode
+    distill_mixup: float = 0.0                       # Beta(a, a) mixup views for the KD term; 0: the batch
+    generator: torch.Generator | None = None         # draws the mixup weights and partners
+
+    def mixup_view(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``lam x_i + (1 - lam) x_perm(i)``, ``lam ~ Beta(a, a)`` per sample, one random partner each."""
+        n = inputs.shape[0]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+        # torch's Beta takes no generator; numpy's, seeded from ours, keeps a run reproducible.
+        lam = torch.from_numpy(np.random.default_rng(seed).beta(self.distill_mixup, self.distill_mixup, n))
+        perm = torch.randperm(n, generator=self.generator).to(inputs.device)
+        lam = lam.to(inputs.device, inputs.dtype).view(n, *([1] * (inputs.dim() - 1)))
+        return lam * inputs + (1 - lam) * inputs[perm]
 
     @staticmethod
     def _trace_scale(nll: torch.Tensor, term: torch.Tensor, params: dict[str, torch.Tensor]) -> float:
@@ -93,9 +111,13 @@ class Objective:
             total = total + 0.5 * self.anchor_weight * penalty
             parts["anchor"] = float(penalty.detach())
         if self.distill_weight > 0:
+            view, student_out = inputs, outputs
+            if self.distill_mixup > 0:
+                view = self.mixup_view(inputs)
+                student_out = call_model(model, view)
             with torch.no_grad():
-                teacher_out = call_model(self.teacher, inputs)
-            kd = self.likelihood.distill(outputs, teacher_out, targets, self.distill_temperature).mean()
+                teacher_out = call_model(self.teacher, view)
+            kd = self.likelihood.distill(student_out, teacher_out, targets, self.distill_temperature).mean()
             total = total + self.distill_weight * kd
             parts["distill"] = float(kd.detach())
         if self.shift_weight > 0:

@@ -235,6 +235,11 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                                     f"({type(likelihood).__name__} has none)")
         objective.distill_weight, objective.distill_temperature = cfg.distill_weight, cfg.distill_temperature
         objective.teacher = copy.deepcopy(work).eval().requires_grad_(False)
+        if cfg.distill_mixup > 0:
+            if not (isinstance(work_inputs, torch.Tensor) and work_inputs.is_floating_point()):
+                raise SmoothPurifyError(f"{cfg.name}: distill_mixup mixes inputs, which needs one floating-point "
+                                        "input tensor (token or tuple inputs cannot be mixed); set it to 0")
+            objective.distill_mixup, objective.generator = cfg.distill_mixup, gen
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)
     tuned.eval()

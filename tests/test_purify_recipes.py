@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import pipeline
+from smoothpurify import SmoothPurifyError
 from smoothpurify.likelihood import Bernoulli, Categorical
 from smoothpurify.methods import method_config
 from smoothpurify.runner import make_runner
@@ -81,6 +82,37 @@ def test_distillation_term_in_the_objective_and_what_it_keeps():
         with torch.no_grad():
             gaps[weight] = float(Categorical().distill(out(x), model.eval()(x), y, 1.0).mean())
     assert gaps[5.0] < 0.5 * gaps[0.0], gaps
+
+
+def test_mixup_distillation_matches_teacher_and_student_on_the_same_convex_view():
+    torch.manual_seed(0)
+    model, teacher, (x, y) = TinyCNN(), TinyCNN(), toy_data()
+    obj = Objective(Categorical(), distill_weight=1.0, distill_temperature=2.0, teacher=teacher, distill_mixup=0.5,
+                    generator=torch.Generator().manual_seed(3))
+    view = obj.mixup_view(x)
+    # each view is lam x_i + (1 - lam) x_j for one partner j and lam in [0, 1]: solve for lam against every j
+    flat, mixed = x.flatten(1), view.flatten(1)
+    for i in range(len(x)):
+        d = flat[i] - flat                                       # x_i - x_j for every j
+        lam = ((mixed[i] - flat) * d).sum(1) / (d * d).sum(1).clamp_min(1e-12)
+        resid = (flat + lam[:, None] * d - mixed[i]).norm(dim=1)
+        j = int(resid.argmin())
+        assert float(resid[j]) < 1e-4 and -1e-5 <= float(lam[j]) <= 1 + 1e-5
+    assert not torch.equal(view, x)
+    # the KD term is measured on a view drawn from the same generator state, teacher and student alike
+    obj.generator = torch.Generator().manual_seed(3)
+    loss, parts = obj(model, dict(model.named_parameters()), x, y, step=0)
+    kd = Categorical().distill(model(view), teacher(view), y, 2.0).mean()
+    assert math.isclose(parts["distill"], float(kd.detach()), rel_tol=1e-5)
+    torch.testing.assert_close(loss, Categorical().nll(model(x), y).mean() + kd)
+
+
+def test_mixup_distillation_refuses_inputs_it_cannot_mix():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    cfg = method_config("fst-kd", {"epochs": 1, "distill_mixup": 1.0, "augment": False})
+    with pytest.raises(SmoothPurifyError, match="distill_mixup"):
+        purify(model, x, y, Categorical(), cfg, progress=False)
 
 
 def test_recommended_is_fst_with_distillation():
