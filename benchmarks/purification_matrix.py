@@ -88,6 +88,14 @@ CANDIDATES = {
     # FST at the papers' 100-epoch schedule; under the smoke profile it needs
     # --set purify.overrides.cand-fst-paper.epochs=100 purify.overrides.cand-fst-paper.lr_step=40
     "cand-fst-paper": ("fst", {}),
+    # Third pass (variants of fst-kd, 100 epochs like recommended; under the smoke profile each needs
+    # --set purify.overrides.NAME.epochs=100 purify.overrides.NAME.lr_step=40):
+    "cand-kd-mix1": ("fst-kd", {"distill_mixup": 1.0}),           # KD on mixup views
+    "cand-kd-mix1-a2": ("fst-kd", {"distill_mixup": 1.0, "feature_shift_weight": 2.0}),
+    "cand-kd-a2": ("fst-kd", {"feature_shift_weight": 2.0}),      # a stronger shift
+    "cand-a2-t1": ("fst-kd", {"feature_shift_weight": 2.0, "distill_temperature": 1.0}),
+    "cand-a2-kd2": ("fst-kd", {"feature_shift_weight": 2.0, "distill_weight": 2.0}),   # CE's share halved
+    "cand-a4-kd4": ("fst-kd", {"feature_shift_weight": 4.0, "distill_weight": 4.0}),
 }
 
 
