@@ -252,12 +252,15 @@ def scan_command(
     out_dir: Path = typer.Option(Path("scan"), help="where scan.json and triggers.png go"),
     normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects"),
     steps: int = typer.Option(120, help="optimisation steps per class"),
+    families: Optional[str] = typer.Option(None, help="comma-separated trigger families to search (images: mask, "
+                                                      "additive; default: all of the modality's)"),
     modality: str = ModalityOpt,
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0),
 ) -> None:
     """Does this model hold a backdoor, and to which class? From the model and clean data alone
-    (Neural Cleanse: the smallest trigger per class; a class needing a much smaller one is flagged)."""
+    (Neural Cleanse: the smallest trigger per class, as a mask and pattern and as an additive
+    perturbation; a class needing a much smaller one than the others is flagged)."""
     from pipeline.own_checkpoint import check_device, load_user_model
     from pipeline.scan import save_scan, scan_lines, scan_model
     from smoothpurify.scan import ScanSettings
@@ -268,10 +271,15 @@ def scan_command(
     mod = _modality(modality)
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
     net = load_user_model(mod, checkpoint, model, num_classes, clean)
-    result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps), seed=seed, device=device)
+    try:
+        result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps), seed=seed, device=device,
+                            families=[f.strip() for f in families.split(",")] if families else None)
+    except ValueError as err:
+        raise SmoothPurifyError(f"--families: {err}") from None
     record = save_scan(result, out_dir, f"scan of {checkpoint.name}")
     typer.echo("\n".join(scan_lines(result, checkpoint.name)))
-    typer.echo(f"record: {out_dir / 'scan.json'}" + (f"; triggers: {record['figure']}" if "figure" in record else ""))
+    typer.echo(f"record: {out_dir / 'scan.json'}" + (f"; triggers: {', '.join(record['figures'])}"
+                                                     if record.get("figures") else ""))
 
 
 def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:

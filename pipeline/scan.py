@@ -1,9 +1,11 @@
 """The backdoor scan for a user's checkpoint or a pipeline model: clean data only (smoothpurify.scan).
 
-The trigger family comes from the modality (``Modality.scan_family()``, optional); without it,
-inputs shaped like images or clips (``[..., C, H, W]``) get Neural Cleanse's mask and pattern, and
-anything else a universal additive perturbation. ``scan_model`` is what ``smoothpurify scan`` and
-``smoothpurify purify --scan`` run; it writes ``scan.json`` and a figure of the synthesised triggers.
+The trigger families come from the modality (``Modality.scan_family()``, optional: one family);
+without it, inputs shaped like images or clips (``[..., C, H, W]``) are searched with two: Neural
+Cleanse's mask and pattern (a patch: BadNets, Trojan, a warp's local edits) and a universal additive
+perturbation (a whole-image blend or signal: Blend, SIG), and anything else with the additive one.
+``scan_model`` is what ``smoothpurify scan``, ``purify --scan`` and ``--method auto`` run; it writes
+``scan.json`` and a figure of the synthesised triggers per family.
 """
 from __future__ import annotations
 
@@ -16,36 +18,44 @@ import torch
 from torch import nn
 
 from modalities.contract import Modality
-from smoothpurify.scan import Additive, MaskPattern, ScanResult, ScanSettings, TriggerFamily, scan
+from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
+                               scan_families)
 
 
-def trigger_family(mod: Modality, example: torch.Tensor) -> TriggerFamily:
+def trigger_families(mod: Modality, example: torch.Tensor) -> dict[str, TriggerFamily]:
     own = getattr(mod, "scan_family", None)
     if own is not None:
-        return own()
-    return MaskPattern() if example.dim() >= 3 else Additive()
+        return {"own": own()}
+    return {"mask": MaskPattern(), "additive": Additive()} if example.dim() >= 3 else {"additive": Additive()}
 
 
 def scan_model(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *,
                settings: ScanSettings | None = None, seed: int = 0, device: str = "cpu",
-               progress: bool = True) -> ScanResult:
+               progress: bool = True, families: list[str] | None = None) -> CombinedScan:
+    """Scan with the modality's families (``families`` picks some of them by name)."""
     x, y = clean
     if y.dim() != 1:
         raise ValueError("the scan needs single-label clean data (one class per input)")
-    return scan(model, x, y, num_classes, trigger_family(mod, x[0]), settings, seed=seed, device=device,
-                progress=progress)
+    chosen = trigger_families(mod, x[0])
+    if families:
+        unknown = sorted(set(families) - set(chosen))
+        if unknown:
+            raise ValueError(f"unknown trigger family {', '.join(unknown)}; this model's: {', '.join(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in families}
+    return scan_families(model, x, y, num_classes, chosen, settings, seed=seed, device=device, progress=progress)
 
 
-def save_scan(result: ScanResult, out_dir: Path, title: str = "") -> dict[str, Any]:
-    """``scan.json`` (record) and ``triggers.png`` (one panel per class) under ``out_dir``."""
+def save_scan(result: CombinedScan, out_dir: Path, title: str = "") -> dict[str, Any]:
+    """``scan.json`` (record) and ``triggers-<family>.png`` (one panel per class) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = result.to_record()
+    figures = [str(f) for name, r in result.results.items()
+               if (f := plot_triggers(r, out_dir / f"triggers-{name}.png", f"{title}: {name} triggers" if title else ""))]
+    if figures:
+        record["figures"] = figures
     tmp = out_dir / ".scan.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(out_dir / "scan.json")
-    figure = plot_triggers(result, out_dir / "triggers.png", title)
-    if figure:
-        record["figure"] = str(figure)
     return record
 
 
@@ -72,7 +82,7 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
         img = pic.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
         size = result.triggers[t].size
-        ax.set_title(f"class {t}\n" + (f"size {size:.0f}, A {result.anomaly[t]:.1f}" if math.isfinite(size)
+        ax.set_title(f"class {t}\n" + (f"size {size:.3g}, A {result.anomaly[t]:.1f}" if math.isfinite(size)
                                        else "not reached"), fontsize=9,
                      color="red" if t == result.suspected else "black")
         if t == result.suspected:
@@ -92,9 +102,12 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
     return path
 
 
-def scan_lines(result: ScanResult, label: str) -> list[str]:
-    """What the terminal shows: the risk in words and the per-class numbers."""
-    sizes = " ".join(f"{t.size:.0f}" if t.size != float("inf") else "inf" for t in result.triggers)
-    anomaly = " ".join(f"{a:.1f}" for a in result.anomaly)
-    return [f"{label}: backdoor risk {result.risk()}",
-            f"  trigger size per class: {sizes}", f"  anomaly index per class: {anomaly} ({result.seconds:.0f} s)"]
+def scan_lines(result: CombinedScan, label: str) -> list[str]:
+    """What the terminal shows: the risk in words and the per-class numbers of each family."""
+    lines = [f"{label}: backdoor risk {result.risk()}"]
+    for name, r in result.results.items():
+        sizes = " ".join(f"{t.size:.3g}" if t.size != float("inf") else "inf" for t in r.triggers)
+        anomaly = " ".join(f"{a:.1f}" for a in r.anomaly)
+        lines += [f"  {name}: trigger size per class: {sizes}",
+                  f"  {name}: anomaly index per class: {anomaly} ({r.seconds:.0f} s)"]
+    return lines

@@ -21,8 +21,10 @@ otherwise divided by ``cost_down`` (grow it); the smallest trigger that reached 
 
 What a trigger is depends on the input: :class:`MaskPattern` is the paper's (``(1 - m) x + m p`` with
 one mask over the last two axes, shared by channels and frames: images, video); :class:`Additive` is a
-universal additive perturbation with its L2 norm as the size (point clouds, embeddings). Nothing here
-knows a modality; the pipeline picks the family.
+universal additive perturbation with its L2 norm as the size (point clouds, embeddings, and on images
+the whole-image triggers a small mask cannot express: a blended pattern, a sinusoid). Nothing here
+knows a modality; the pipeline picks the families. :func:`scan_families` runs several and flags a
+class when any family does (:class:`CombinedScan`).
 """
 from __future__ import annotations
 
@@ -92,7 +94,9 @@ class Additive:
         return theta["delta"].pow(2).sum().add(1e-12).sqrt()
 
     def picture(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"delta": theta["delta"].detach()}
+        delta = theta["delta"].detach()
+        # shown as 0.5 + delta / (2 max|delta|): grey is no change
+        return {"delta": delta, "trigger": 0.5 + delta / (2 * delta.abs().max().clamp_min(1e-12))}
 
 
 @dataclass
@@ -226,3 +230,53 @@ def scan(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_clas
     top = max(range(num_classes), key=anomaly.__getitem__)
     suspected = top if anomaly[top] > settings.threshold else None
     return ScanResult(triggers, anomaly, suspected, settings.threshold, time.perf_counter() - t0)
+
+
+@dataclass
+class CombinedScan:
+    """Scans with several trigger families: flagged when any family flags a class; the suspect is the
+    flagged family's most anomalous class (the largest anomaly over the flagged families)."""
+    results: dict[str, ScanResult]
+
+    def _top(self) -> tuple[str, ScanResult]:
+        flagged = {k: r for k, r in self.results.items() if r.flagged} or self.results
+        return max(flagged.items(), key=lambda kv: kv[1].max_anomaly)
+
+    @property
+    def flagged(self) -> bool:
+        return any(r.flagged for r in self.results.values())
+
+    @property
+    def suspected(self) -> int | None:
+        return self._top()[1].suspected
+
+    @property
+    def max_anomaly(self) -> float:
+        return max(r.max_anomaly for r in self.results.values())
+
+    @property
+    def threshold(self) -> float:
+        return self._top()[1].threshold
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.results.values())
+
+    def risk(self) -> str:
+        family, result = self._top()
+        return f"{result.risk()} ({family} triggers)" if len(self.results) > 1 else result.risk()
+
+    def to_record(self) -> dict[str, Any]:
+        return {"families": {k: r.to_record() for k, r in self.results.items()}, "max_anomaly": self.max_anomaly,
+                "suspected": self.suspected, "flagged": self.flagged, "family": self._top()[0],
+                "threshold": self.threshold, "risk": self.risk(), "seconds": round(self.seconds, 3)}
+
+
+def scan_families(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                  families: dict[str, TriggerFamily], settings: ScanSettings | None = None, *, seed: int = 0,
+                  device: str = "cpu", progress: bool = True) -> CombinedScan:
+    """:func:`scan` with each family (same seed), combined (:class:`CombinedScan`)."""
+    if not families:
+        raise SmoothPurifyError("scan: no trigger family to search")
+    return CombinedScan({name: scan(model, inputs, targets, num_classes, family, settings, seed=seed, device=device,
+                                    progress=progress) for name, family in families.items()})

@@ -99,6 +99,39 @@ def test_scan_flags_a_planted_backdoor_and_not_the_clean_model():
     assert "high" in bad.risk() and "class 3" in bad.risk() and "high" not in good.risk()
 
 
+class BlendBackdoor(nn.Module):
+    """Nearest-prototype classifier plus a planted blend backdoor: the correlation of the input with a
+    fixed whole-image noise pattern ``k`` (centred) adds to class 5's logit."""
+
+    def __init__(self, backdoor: bool):
+        super().__init__()
+        self.inner = PlantedBackdoor(False)
+        g = torch.Generator().manual_seed(7)
+        self.k = torch.rand(1, 8, 8, generator=g) - 0.5
+        self.backdoor = backdoor
+
+    def forward(self, x):
+        logits = self.inner(x)
+        if self.backdoor:
+            logits = logits + 15.0 * nn.functional.one_hot(torch.tensor(5), 10) * (x * self.k).flatten(1).sum(1, keepdim=True)
+        return logits
+
+
+def test_combined_scan_finds_a_planted_blend_backdoor_and_clears_the_clean_model():
+    from smoothpurify.scan import scan_families
+
+    settings = ScanSettings(steps=150, batch_size=64, lr=0.05)
+    fams = {"mask": MaskPattern(), "additive": Additive()}
+    bad_model = BlendBackdoor(True)
+    x, y = _clean_data(bad_model.inner)
+    bad = scan_families(bad_model, x, y, 10, fams, settings, progress=False)
+    good = scan_families(BlendBackdoor(False), x, y, 10, fams, settings, progress=False)
+    assert bad.results["additive"].flagged and bad.flagged and bad.suspected == 5, bad.to_record()
+    assert bad.to_record()["family"] in ("mask", "additive") and set(bad.to_record()["families"]) == set(fams)
+    assert not good.flagged, good.to_record()
+    assert bad.max_anomaly == max(r.max_anomaly for r in bad.results.values())
+
+
 def test_scan_command_writes_its_record_and_figure(outside_checkpoint):  # noqa: F811
     d = outside_checkpoint
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -108,8 +141,22 @@ def test_scan_command_writes_its_record_and_figure(outside_checkpoint):  # noqa:
                          timeout=300)
     assert out.returncode == 0, out.stderr
     record = json.loads((d / "scan" / "scan.json").read_text())
-    assert len(record["sizes"]) == 10 and len(record["anomaly"]) == 10 and "risk" in record
-    assert (d / "scan" / "triggers.png").is_file() and "backdoor risk" in out.stdout
+    assert set(record["families"]) == {"mask", "additive"} and "risk" in record
+    for fam in record["families"].values():
+        assert len(fam["sizes"]) == 10 and len(fam["anomaly"]) == 10
+    assert record["max_anomaly"] == max(f["max_anomaly"] for f in record["families"].values())
+    assert (d / "scan" / "triggers-mask.png").is_file() and (d / "scan" / "triggers-additive.png").is_file()
+    assert "backdoor risk" in out.stdout and "additive: anomaly index" in out.stdout
+    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
+                          "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
+                          "--steps", "10", "--families", "additive", "--out-dir", "one"], cwd=d, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert list(json.loads((d / "one" / "scan.json").read_text())["families"]) == ["additive"]
+    wrong = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
+                            "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
+                            "--families", "nope"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
+    assert wrong.returncode == 2 and "unknown trigger family nope" in wrong.stderr
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
                           "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
                           "--steps", "3"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
