@@ -27,11 +27,13 @@ from pipeline.params import load_params
 from pipeline.report.tables import (SMOOTHNESS_COLUMNS, attack_columns, attack_rows, method_columns, method_rows,
                                     print_table, rows_and_verdicts, save_rows, smoothness_rows)
 from pipeline.report.verdict import overall_sentence
+from pipeline.scan import scan_settings
 from tasks.analyze import analyze, build_analysis_batch
 from tasks.attack import train_attack
 from tasks.evaluate import evaluate
 from tasks.prepare import prepare_data
 from tasks.purify import purify
+from tasks.scan import scan
 from tasks.report import write_report
 
 
@@ -55,6 +57,7 @@ def run_pipeline(modality: str, params: dict[str, Any], attacks: list[str] | Non
     for name in [BENIGN, *attacks]:
         train_attack(modality, params, name, force=force)
     analysis_on = analysis_settings(params.get("analysis")).enabled
+    scan_settings(params)  # a bad scan section fails here, before any training
     for name in attacks:
         evaluate(modality, params, name)
         for method in methods:
@@ -63,6 +66,10 @@ def run_pipeline(modality: str, params: dict[str, Any], attacks: list[str] | Non
             build_analysis_batch(modality, params, name)
             for model in [BENIGN, BACKDOORED, *(f"purified/{m}" for m in methods)]:
                 analyze(modality, params, name, model, force=force)
+        # evidence without poisoned data, before and after purification (params scan.enabled; off:
+        # a one-line record, so that DVC's scan stages have their outputs)
+        for model in [BACKDOORED, *(f"purified/{m}" for m in methods)]:
+            scan(modality, params, name, model, force=force)
     md, page = write_report(modality, params, attacks, methods)
     rows = attack_rows(run, attacks)
     purification = method_rows(modality, params, attacks, methods, mark_best=True)

@@ -122,6 +122,10 @@ class Run:
         slug = BACKDOORED if model_name == attack else model_name.replace("/", "-")
         return self.root / "metrics" / "analysis" / f"{attack}-{slug}.json"
 
+    def scan_record(self, attack: str, model_name: str) -> Path:
+        slug = BACKDOORED if model_name == attack else model_name.replace("/", "-")
+        return self.root / "metrics" / "scan" / f"{attack}-{slug}.json"
+
     @property
     def figures_dir(self) -> Path:
         return self.root / "figures"

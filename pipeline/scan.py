@@ -18,6 +18,10 @@ import torch
 from torch import nn
 
 from modalities.contract import Modality
+from pipeline.params import file_hash, fingerprint
+from pipeline.run import Run
+from smoothpurify import SmoothPurifyError
+from smoothpurify.checkpoint import write_json
 from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
                                scan_families)
 
@@ -111,3 +115,50 @@ def scan_lines(result: CombinedScan, label: str) -> list[str]:
         lines += [f"  {name}: trigger size per class: {sizes}",
                   f"  {name}: anomaly index per class: {anomaly} ({r.seconds:.0f} s)"]
     return lines
+
+
+def scan_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's ``scan`` section with its defaults: ``enabled`` (false), ``steps`` (120),
+    ``families`` (null: all of the modality's)."""
+    section = {"enabled": False, "steps": 120, "families": None, **(params.get("scan") or {})}
+    unknown = sorted(set(section) - {"enabled", "steps", "families"})
+    if unknown:
+        raise SmoothPurifyError(f"params scan: unknown key(s) {', '.join(unknown)} (enabled, steps, families)")
+    if int(section["steps"]) < 10:
+        raise SmoothPurifyError("params scan.steps must be at least 10 (the trigger cost is adapted every 10 steps)")
+    return section
+
+
+def scan_stage(modality: str, params: dict[str, Any], attack: str, model_name: str, force: bool = False,
+               progress: bool = True) -> dict[str, Any]:
+    """Scan ``backdoored`` (the attack's model) or ``purified/<method>`` on the clean validation split.
+
+    Writes ``metrics/scan/<attack>-<model>.json`` and the trigger figures under ``scan/<attack>/<model>/``;
+    with ``scan.enabled`` false it records only that (DVC's stage then costs nothing).
+    """
+    run = Run(modality, params)
+    settings = scan_settings(params)
+    model_dir = run.analysed_model_dir(attack, model_name)
+    path = run.scan_record(attack, model_name)
+    if not settings["enabled"]:
+        write_json(path, {"enabled": False})
+        return {"enabled": False}
+    fp = fingerprint(settings, run.seed, file_hash(model_dir / "model.safetensors"), file_hash(run.data_json))
+    old = run.read_json(path) if path.is_file() else None
+    if not force and old and old.get("fingerprint") == fp:
+        return old
+    mod = run.modality
+    model = mod.load_model(model_dir)[0]
+    x, y = mod.load_split(run.data_dir, "val")
+    if y.dim() != 1:
+        record = {"enabled": True, "skipped": "multi-label data: the scan needs one class per input", "fingerprint": fp}
+        write_json(path, record)
+        return record
+    result = scan_model(mod, model, (x, y), int(run.data_meta().get("num_classes") or int(y.max()) + 1),
+                        settings=ScanSettings(steps=int(settings["steps"])), seed=run.seed, device=run.device,
+                        progress=progress, families=settings["families"])
+    slug = path.stem[len(attack) + 1:]  # backdoored | purified-<method>
+    record = save_scan(result, run.root / "scan" / attack / slug, f"{attack}, {model_name}")
+    record.update(enabled=True, attack=attack, model=model_name, fingerprint=fp)
+    write_json(path, record)
+    return record

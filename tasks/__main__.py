@@ -24,8 +24,8 @@ def run_attack_stage(args: argparse.Namespace, params: dict) -> None:
         raise SmoothPurifyError(f"stage {args.stage} needs --attack")
     if args.stage == "purify" and args.method is None:
         raise SmoothPurifyError("stage purify needs --method")
-    if args.stage == "analyze" and args.model is None:
-        raise SmoothPurifyError("stage analyze needs --model (benign, backdoored or purified/<method>)")
+    if args.stage in ("analyze", "scan") and args.model is None:
+        raise SmoothPurifyError(f"stage {args.stage} needs --model (benign, backdoored or purified/<method>)")
     check_names(args.modality, params, [] if args.attack == BENIGN else [args.attack],
                 [args.method] if args.stage == "purify" else [])
     if args.stage == "attack":
@@ -36,6 +36,10 @@ def run_attack_stage(args: argparse.Namespace, params: dict) -> None:
         build_analysis_batch.fn(args.modality, params, args.attack, force=True)
     elif args.stage == "analyze":
         analyze.fn(args.modality, params, args.attack, args.model, force=True)
+    elif args.stage == "scan":
+        from tasks.scan import scan
+
+        scan.fn(args.modality, params, args.attack, args.model, force=True)
     else:
         evaluate.fn(args.modality, params, args.attack)
 
@@ -46,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
     parser.add_argument("stage", choices=["prepare", "attack", "evaluate", "purify", "analysis-batch",
-                                                       "analyze", "report"])
+                                                       "analyze", "scan", "report"])
     parser.add_argument("--modality", default="image")
     parser.add_argument("--attack", default=None, help="attack name, or 'benign'")
     parser.add_argument("--method", default=None, help="purification method (stage purify)")
-    parser.add_argument("--model", default=None, help="analyze: benign | backdoored | purified/<method>")
+    parser.add_argument("--model", default=None, help="analyze / scan: benign | backdoored | purified/<method>")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None)
     args = parser.parse_args(argv)

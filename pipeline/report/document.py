@@ -113,6 +113,42 @@ def _verdict_blocks(run: Run, verdicts: list[AttackVerdict], figures: Figures) -
     return blocks
 
 
+def _measured_asr(run: Run, attack: str, name: str) -> float | None:
+    """Test ASR of the backdoored model or of ``purified/<method>``, from their records (None: absent)."""
+    path = run.attack_metrics(attack) if name == "backdoored" else run.purify_metrics(attack, name.split("/", 1)[1])
+    rec = run.read_json(path) if path.is_file() else None
+    if rec is None:
+        return None
+    return (rec.get("backdoored") or {}).get("asr") if name == "backdoored" else (rec.get("after") or {}).get("asr")
+
+
+def _scan_blocks(run: Run, attacks: list[str], methods: list[str]) -> list[tuple]:
+    """The scan of each backdoored and purified model (clean data only) beside its measured test ASR,
+    and the synthesised triggers of every flagged model; empty when nothing was scanned."""
+    rows, images = [], []
+    for attack in attacks:
+        for name, label in [("backdoored", "backdoored"), *((f"purified/{m}", m) for m in methods)]:
+            rec = run.read_json(run.scan_record(attack, name)) if run.scan_record(attack, name).is_file() else None
+            if not rec or not rec.get("enabled") or rec.get("skipped"):
+                continue
+            asr = _measured_asr(run, attack, name)
+            rows.append([(attack, False), (label, False), (f"{rec['max_anomaly']:.2f} ({rec.get('family', '-')})", False),
+                         ("-" if rec.get("suspected") is None else str(rec["suspected"]), False),
+                         ("yes" if rec["flagged"] else "no", bool(rec["flagged"])),
+                         ("-" if asr is None else f"{100 * asr:.1f} %", False)])
+            if rec["flagged"]:
+                images += [("img", f, f"{attack}, {label}: synthesised triggers ({Path(f).stem.split('-', 1)[1]})")
+                           for f in rec.get("figures", []) if Path(f).is_file()]
+    if not rows:
+        return []
+    return [("p", "Each model scanned from the clean validation data alone (no poisoned data): for every class "
+                  "the smallest trigger that sends the other classes' inputs to it; a class whose trigger is an "
+                  "outlier (anomaly index above 2) is flagged as the suspected target. Test ASR beside it, for "
+                  "reporting only."),
+            ("table", ["attack", "model", "largest anomaly (family)", "suspected class", "flagged", "test ASR"], rows),
+            *images]
+
+
 def _sections(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str],
               rows: list[dict[str, Any]], verdicts: list[AttackVerdict],
               figures: Figures) -> list[tuple[str, list[tuple]]]:
@@ -148,8 +184,11 @@ def _sections(modality: str, params: dict[str, Any], attacks: list[str], methods
                                             default_flow_style=False, allow_unicode=True)),
                     ("p", "Resolved analysis settings and purification methods:"),
                     ("code", yaml.safe_dump({"analysis": s.model_dump(), "methods": configs}, sort_keys=False))]
-    return [("Verdict", _verdict_blocks(run, verdicts, figures)),
-            ("Purification results", results), ("Attack settings", [_attack_settings(run, attacks)]),
+    sections = [("Verdict", _verdict_blocks(run, verdicts, figures)), ("Purification results", results)]
+    scans = _scan_blocks(run, attacks, methods)
+    if scans:
+        sections.append(("Backdoor scan", scans))
+    return sections + [("Attack settings", [_attack_settings(run, attacks)]),
             ("Data source", data_blocks), ("Smoothness", smooth),
             ("Figures", figs or [("p", "No figures (nothing analysed or purified yet).")]),
             ("Parameters", param_blocks)]
