@@ -39,6 +39,27 @@ def to_markdown(store: dict) -> str:
         flag = f"**yes, class {s['suspected']}**" if s["flagged"] else "no"
         lines.append(f"| {s['model']} | {s['family']} | {asr} | {s['max_anomaly']:.2f} ({top}) | "
                      f"{s['anomaly'][0]:.2f} | {flag} | {s['seconds']:.0f} |")
+    from smoothpurify.scan import family_threshold
+
+    z = family_threshold(meta["threshold"], 2)
+    lines += ["", f"Both families together (what `smoothpurify scan` does on images): each family flags at "
+              f"{z:.2f} (the threshold {meta['threshold']:g} corrected for two families, "
+              "`smoothpurify.scan.family_threshold`), the model when either does; the suspect is the flagging "
+              "family's most anomalous class.", "",
+              "| model | test ASR | mask | additive | flagged | suspected |", "|---|---|---|---|---|---|"]
+    models: dict[str, dict] = {}
+    for s in store["scans"].values():
+        models.setdefault(s["model"], {})[s["family"]] = s
+    for name in sorted(models):
+        fams = models[name]
+        if set(fams) != {"mask", "additive"}:
+            continue
+        flagged = [f for f in fams.values() if f["max_anomaly"] > z]
+        top = max(flagged, key=lambda f: f["max_anomaly"]) if flagged else None
+        asr = next(iter(fams.values()))["asr"]
+        lines.append(f"| {name} | {'-' if asr is None else f'{asr:.1%}'} | {fams['mask']['max_anomaly']:.2f} | "
+                     f"{fams['additive']['max_anomaly']:.2f} | {'**yes**' if top else 'no'} | "
+                     f"{max(range(len(top['anomaly'])), key=top['anomaly'].__getitem__) if top else '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,16 @@ def test_anomaly_index_is_the_mad_score_of_log_sizes():
     assert scores[3] == min(scores)
 
 
+def test_family_threshold_keeps_the_false_flag_rate_of_one_family():
+    from smoothpurify.scan import family_threshold
+
+    assert family_threshold(2.0, 1) == 2.0
+    z = family_threshold(2.0, 2)
+    tail = lambda t: 0.5 * math.erfc(t / math.sqrt(2))  # noqa: E731 - one-sided normal tail
+    assert math.isclose(tail(z), tail(2.0) / 2, rel_tol=1e-9) and 2.27 < z < 2.29
+    assert family_threshold(2.0, 3) > z
+
+
 def test_trigger_families():
     x = torch.rand(4, 3, 5, 5)
     fam = MaskPattern()
