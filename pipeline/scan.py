@@ -40,6 +40,11 @@ def scan_model(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch
     x, y = clean
     if y.dim() != 1:
         raise ValueError("the scan needs single-label clean data (one class per input)")
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        # A trigger word is a discrete edit: the continuous search would have to run in the model's
+        # embedding space and map back to tokens, which is not built.
+        raise SmoothPurifyError("the scan searches continuous triggers (images, clips, point clouds); token "
+                                "inputs would need a search in the embedding space, which is not built")
     chosen = trigger_families(mod, x[0])
     if families:
         unknown = sorted(set(families) - set(chosen))

@@ -43,3 +43,15 @@ def test_scan_stage_off_then_on_and_in_the_report(tiny_params):
 def test_a_bad_scan_section_is_one_clear_error(section, msg):
     with pytest.raises(SmoothPurifyError, match=msg):
         scan_settings({"scan": section})
+
+
+def test_token_inputs_are_refused_with_the_reason():
+    import torch
+    from torch import nn
+
+    from pipeline.scan import scan_model
+
+    model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 3))
+    clean = (torch.randint(0, 20, (30, 3)), torch.arange(30) % 3)
+    with pytest.raises(SmoothPurifyError, match="embedding space"):
+        scan_model(object(), model, clean, 3, progress=False)
