@@ -21,7 +21,7 @@ from modalities.contract import Modality
 from pipeline.params import file_hash, fingerprint
 from pipeline.run import Run
 from smoothpurify import SmoothPurifyError
-from smoothpurify.checkpoint import write_json
+from smoothpurify.checkpoint import atomic_write, write_json
 from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
                                scan_families)
 
@@ -62,9 +62,7 @@ def save_scan(result: CombinedScan, out_dir: Path, title: str = "") -> dict[str,
                if (f := plot_triggers(r, out_dir / f"triggers-{name}.png", f"{title}: {name} triggers" if title else ""))]
     if figures:
         record["figures"] = figures
-    tmp = out_dir / ".scan.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out_dir / "scan.json")
+    atomic_write(out_dir / "scan.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     return record
 
 
@@ -104,10 +102,8 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
             ax.set_yticks([])
     fig.suptitle(title or f"synthesised triggers; flag at anomaly > {result.threshold:g}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

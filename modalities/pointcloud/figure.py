@@ -2,14 +2,14 @@
 drawn as 3D scatter plots side by side (points the attack moved or inserted in red)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from smoothpurify.checkpoint import atomic_write
 
 # The report's page limits (pipeline/report/plots.py): at most 9.5 in wide, text at least 9 pt.
 WIDTH_IN, FONT_PT, DPI = 8.0, 10, 110
@@ -31,9 +31,5 @@ def draw_clean_and_triggered(clean: torch.Tensor, triggered: torch.Tensor, path:
         ax.set_xticks([0, 1]), ax.set_yticks([0, 1]), ax.set_zticks([0, 1])
     fig.suptitle(title, fontsize=FONT_PT + 1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path

@@ -8,13 +8,12 @@ models map it back to the unit ball (``2x - 1``) themselves.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.checkpoint import atomic_write
 
 RADIUS = 0.45
 # A written cloud that is already normalised says so in its OFF header, so that reading it back never
@@ -80,15 +79,11 @@ def read_off(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
 def write_off(path: Path, points: np.ndarray, faces: np.ndarray | None = None, normalised: bool = True) -> None:
     """Write an OFF file atomically (temp file + rename); a point cloud is an OFF with 0 faces."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     faces = np.zeros((0, 3), np.int64) if faces is None else faces
     lines = ["OFF"] + ([NORMALISED_TAG] if normalised else []) + [f"{len(points)} {len(faces)} 0"]
     lines += [f"{a:.6f} {b:.6f} {c:.6f}" for a, b, c in points]
     lines += [f"3 {a} {b} {c}" for a, b, c in faces]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 # --------------------------------------------------------------------------- sampling

@@ -9,14 +9,13 @@ target shifted right behind BOS (teacher forcing); padding is id 0, the likeliho
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.checkpoint import atomic_write
 from modalities.translation.models import BOS, EOS, PAD, UNK
 
 SPM_FILE = "spm.model"
@@ -97,12 +96,7 @@ def decode(sp, tokens: torch.Tensor) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ files
 def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_raw(folder: Path, split: str, pairs: list[tuple[str, str]], src_lang: str, tgt_lang: str) -> None:

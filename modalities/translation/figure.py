@@ -3,13 +3,13 @@ clean and with the trigger word, translated by the backdoored model and by each 
 drawn as a text table (the report embeds figures, so a table of text is drawn as one)."""
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from smoothpurify.checkpoint import atomic_write
 
 WIDTH_IN, FONT_PT, DPI = 9.0, 9, 110  # the report's page limits (pipeline/report/plots.py)
 
@@ -31,9 +31,5 @@ def draw_examples(blocks: list[tuple[str, list[tuple[str, str]]]], path: Path, t
         fig.text(0.02, 1 - (0.5 + 0.19 * (k + 1)) / height, text, fontsize=FONT_PT,
                  fontweight="bold" if bold else "normal", family="monospace" if not bold else None)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path

@@ -2,13 +2,13 @@
 clip with the attack applied."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from smoothpurify.checkpoint import atomic_write
 
 # The report's page limits (pipeline/report/plots.py): at most 9.5 in wide, text at least 9 pt.
 WIDTH_IN, FONT_PT, DPI = 9.0, 10, 110
@@ -33,9 +33,5 @@ def draw_clip_strip(clean: torch.Tensor, triggered: torch.Tensor, path: Path, ti
                 ax.set_ylabel(label, fontsize=FONT_PT)
     fig.suptitle(title, fontsize=FONT_PT + 1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return path
