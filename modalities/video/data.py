@@ -12,13 +12,7 @@ the loader a real UCF-101 goes through.
 """
 from __future__ import annotations
 
-import gzip
 import math
-import os
-import shutil
-import struct
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,64 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from smoothpurify import SmoothPurifyError
+from modalities.fashion_mnist import FASHION_FILES, fashion_folder, read_idx
 from modalities.video.codec import VIDEO_SUFFIXES, decode, encode, suffix_of, to_clip
 
 MOTIONS = ["MoveLeft", "MoveRight", "MoveUp", "MoveDown", "RotateClockwise", "RotateAnticlockwise",
            "ZoomIn", "ZoomOut"]
 TEST_GROUPS, GROUPS = range(1, 8), range(1, 26)   # UCF-101: 25 groups per class; split 1 tests groups 1-7
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-DEB_SUBDIR = Path("fashion-mnist-deb/usr/share/datasets/fashion-mnist")
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST items
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise SmoothPurifyError(f"{path} is not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3])
-    if data.size != int(np.prod(dims)):
-        raise SmoothPurifyError(f"{path} is truncated: header says {dims}, found {data.size} values")
-    return data.reshape(dims)
-
-
-def _complete(folder: Path) -> bool:
-    return all((folder / f).is_file() for pair in FASHION_FILES.values() for f in pair)
-
-
-def fashion_folder(cache_dir: Path) -> Path:
-    """The Debian ``dataset-fashion-mnist`` files: installed; else already fetched by any modality of
-    this run folder (``<run_dir>/<modality>/cache/fashion-mnist-deb``: the image and multi-label
-    modalities fetch the same package there); else fetched without root into ``cache_dir``."""
-    if _complete(FASHION_DIR):
-        return FASHION_DIR
-    cache_dir = Path(cache_dir)
-    for folder in [cache_dir / DEB_SUBDIR, *sorted(cache_dir.parent.parent.glob(f"*/cache/{DEB_SUBDIR}"))]:
-        if _complete(folder):
-            return folder
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise SmoothPurifyError("Fashion-MNIST not found: install the Debian package dataset-fashion-mnist")
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-        if got.returncode != 0 or not debs:
-            raise SmoothPurifyError("Fashion-MNIST not found and `apt-get download dataset-fashion-mnist` failed")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
-        target = cache_dir / "fashion-mnist-deb"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return cache_dir / DEB_SUBDIR
-
-
 def fashion_items(cache_dir: Path, split: str) -> np.ndarray:
     """Fashion-MNIST ``split`` images, ``uint8 [N, 28, 28]`` (labels are not used: motion is the class)."""
-    return _read_idx(fashion_folder(cache_dir) / FASHION_FILES[split][0])
+    return read_idx(fashion_folder(cache_dir) / FASHION_FILES[split][0])
 
 
 def blob_items(n: int, seed: int) -> np.ndarray:
