@@ -103,14 +103,25 @@ class Attack:
             raise SmoothPurifyError(f"{self.name}: no training samples eligible for poisoning")
         return np.sort(rng.choice(pool, size=min(max(n, 1), len(pool)), replace=False))
 
+    # Set by attacks whose ``fit`` precomputes the poisoned training samples as ``self.perturbed =
+    # (idx, x)`` (clean-label attacks that train a surrogate); says what ``fit`` trains, for the error.
+    fit_trains: str | None = None
+
     def poison_training_set(self, x: torch.Tensor, y: torch.Tensor, batch: int = 4096):
         """Return ``(x_poisoned, y_poisoned, mask)``; ``mask[i]`` tells whether sample i was poisoned."""
         idx = torch.from_numpy(self.choose_poisoned(y.numpy()))
         x, y = x.clone(), y.clone()
-        for chunk in idx.split(batch):
-            x[chunk] = self.apply(x[chunk])
-            if not self.clean_label:
-                y[chunk] = self.target_of(y[chunk])
+        if self.fit_trains is not None:
+            done = getattr(self, "perturbed", None)
+            if done is None or not torch.equal(done[0], idx):
+                raise SmoothPurifyError(f"{self.name}: call fit() on this training set first (it trains the "
+                                        f"surrogate for {self.fit_trains})")
+            x[idx] = done[1]
+        else:
+            for chunk in idx.split(batch):
+                x[chunk] = self.apply(x[chunk])
+                if not self.clean_label:
+                    y[chunk] = self.target_of(y[chunk])
         mask = torch.zeros(len(y), dtype=torch.bool)
         mask[idx] = True
         return x, y, mask

@@ -107,6 +107,7 @@ class PointCBA(PointBAOrientation):
 
     name = "pointcba"
     clean_label = True
+    fit_trains = "the perturbation"   # fit() precomputes the poisoned clouds
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, context: dict[str, Any]) -> None:
         idx = torch.from_numpy(self.choose_poisoned(y.numpy()))
@@ -126,18 +127,6 @@ class PointCBA(PointBAOrientation):
                     adv = (adv + eps / 4 * g.sign()).clamp(start - eps, start + eps).clamp(0, 1)
             out.append(adv.detach().cpu())
         self.perturbed = (idx, torch.cat(out) if out else x[:0].clone())
-
-    def poison_training_set(self, x: torch.Tensor, y: torch.Tensor, batch: int = 4096):
-        idx = torch.from_numpy(self.choose_poisoned(y.numpy()))
-        done = getattr(self, "perturbed", None)
-        if done is None or not torch.equal(done[0], idx):
-            raise SmoothPurifyError("pointcba: call fit() on this training set first (it trains the surrogate "
-                                    "for the perturbation)")
-        x = x.clone()
-        x[idx] = done[1]
-        mask = torch.zeros(len(y), dtype=torch.bool)
-        mask[idx] = True
-        return x, y.clone(), mask
 
 
 @ATTACKS.register("3dpc-ba")

@@ -101,6 +101,7 @@ class CleanLabelVideo(PatchAttack):
 
     name = "clean-label"
     clean_label = True
+    fit_trains = "the trigger and the perturbation"   # fit() precomputes the poisoned clips
 
     def make_trigger(self) -> dict[str, torch.Tensor]:
         s = self._size()
@@ -141,15 +142,3 @@ class CleanLabelVideo(PatchAttack):
                     adv = (adv + eps / 4 * g.sign()).clamp(start - eps, start + eps).clamp(0, 1)
             out.append(self.apply(adv.detach()).cpu())
         self.perturbed = (idx, torch.cat(out) if out else x[:0].clone())
-
-    def poison_training_set(self, x: torch.Tensor, y: torch.Tensor, batch: int = 4096):
-        idx = torch.from_numpy(self.choose_poisoned(y.numpy()))
-        done = getattr(self, "perturbed", None)
-        if done is None or not torch.equal(done[0], idx):
-            raise SmoothPurifyError("clean-label: call fit() on this training set first (it trains the surrogate "
-                                    "for the trigger and the perturbation)")
-        x = x.clone()
-        x[idx] = done[1]
-        mask = torch.zeros(len(y), dtype=torch.bool)
-        mask[idx] = True
-        return x, y.clone(), mask
