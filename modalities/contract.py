@@ -4,8 +4,8 @@ the registry that finds modalities by name.
 Modalities are plugins: each package under ``modalities/`` declares an entry point in the group
 ``smoothpurify.modalities`` (pyproject.toml) and implements :class:`Modality`. The pipeline, CLI,
 tasks and flows call :func:`get_modality` with a name; the library (``smoothpurify``) never sees a
-modality. A modality imports ``smoothpurify``, this module, :mod:`modalities.kit` and shared data
-(:mod:`modalities.fashion_mnist`), never another modality. ``modalities.testing`` is the conformance suite every modality must pass.
+modality. A modality imports ``smoothpurify``, this module and :mod:`modalities.kit`, never another
+modality. ``modalities.testing`` is the conformance suite every modality must pass.
 
 An attack is one class: ``apply`` (put the trigger on inputs), ``target_of`` (label mapping),
 ``poison_training_set`` and ``poisoned_test_set``; its trigger lives in ``trigger`` (a dict of

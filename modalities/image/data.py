@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from smoothpurify import SmoothPurifyError
-from modalities.fashion_mnist import FASHION_DIR, FASHION_FILES, fetch_fashion_deb, read_idx
+from modalities.kit import FASHION_DIR, FASHION_FILES, fetch_fashion_deb, read_idx
 
 FASHION_SYSTEM_DIR = FASHION_DIR
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp"}

@@ -20,7 +20,7 @@ from PIL import Image
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
-from modalities.fashion_mnist import FASHION_FILES, fashion_folder, read_idx
+from modalities.kit import FASHION_FILES, fashion_folder, read_idx
 
 FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from smoothpurify import SmoothPurifyError
-from modalities.fashion_mnist import FASHION_FILES, fashion_folder, read_idx
+from modalities.kit import FASHION_FILES, fashion_folder, read_idx
 from modalities.video.codec import VIDEO_SUFFIXES, decode, encode, suffix_of, to_clip
 
 MOTIONS = ["MoveLeft", "MoveRight", "MoveUp", "MoveDown", "RotateClockwise", "RotateAnticlockwise",
