@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
     parser.add_argument("stage", choices=["prepare", "attack", "evaluate", "purify", "analysis-batch",
-                                                       "analyze", "scan", "report"])
+                                                       "analyze", "scan", "report", "tables"])
     parser.add_argument("--modality", default="image")
     parser.add_argument("--attack", default=None, help="attack name, or 'benign'")
     parser.add_argument("--method", default=None, help="purification method (stage purify)")
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.profile)
         if args.stage == "prepare":
             prepare_data.fn(args.modality, params, force=True)
+        elif args.stage == "tables":
+            from tasks.tables import write_tables
+
+            print(write_tables.fn(params))
         elif args.stage == "report":
             write_report.fn(args.modality, params, params[args.modality]["attacks"],
                             (params.get("purify") or {}).get("methods") or [])

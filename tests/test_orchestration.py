@@ -109,8 +109,9 @@ def test_prefect_deployments_name_flows_parameters_and_matrix_that_exist():
         assert set(given) <= set(inspect.signature(flow.fn).parameters), deployment["name"]
         params = load_params(ROOT / "params.yaml", given.get("profile"))
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        modality = given.get("modality") or getattr(module, "MODALITY")
-        check_names(modality, params, given.get("attacks") or [], given.get("methods") or [])
+        modality = given.get("modality") or getattr(module, "MODALITY", None)
+        for name in [modality] if modality else module.modality_order(given.get("modalities")):
+            check_names(name, params, given.get("attacks") or [], given.get("methods") or [])
 
 
 def test_the_dvc_matrix_is_the_demo():

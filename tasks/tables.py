@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from pipeline.report.paper import write_tables as write_paper_tables
+
+TABLES_DIR = "tables"  # under the run folder: runs/tables
+
+
+@task(name="paper-tables", cache_policy=None)
+def write_tables(params: dict[str, Any]) -> str:
+    """The papers' tables with our numbers beside theirs, for every modality that has a run; returns the index."""
+    return str(write_paper_tables(params, Path(params.get("run_dir", "runs")) / TABLES_DIR))
