@@ -5,7 +5,10 @@
     setup + tuning, ASR and ACC, with the seconds as ratios to FT and to FT-SAM;
 (c) a profile of where f-SFT's time goes (torch.profiler, top operators).
 
-    python benchmarks/purification_cost.py [--profile smoke] [--attack badnets] [--epochs 3]
+    python benchmarks/purification_cost.py [--profile smoke] [--attack badnets] [--epochs 3] [--threads 1]
+
+Timings on a shared machine: pin the process to one idle core (``taskset -c 1 env OMP_NUM_THREADS=1``)
+with ``--threads 1``; the thread count is written into the results.
 
 Reads/creates the run folder of params.yaml (prepare + train if the model is missing). Writes
 benchmarks/results/purification_cost.{md,json}. Timings are ratios measured in one run.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--epochs", type=int, default=3, help="epochs for the equal-epoch cost comparison")
     ap.add_argument("--methods", default="ft,ft-sam,sft,fsft,ngf")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = load_params("params.yaml", args.profile)
     methods = args.methods.split(",")
     mod, model, x, y, evaluate = load_setup(params, args.attack)
@@ -85,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e = end_to_end(mod, model, x, y, evaluate, params, methods)
     prof = profile_fsft(mod, model, x, y, params)
     ft, sam = e2e["ft"]["total"], e2e.get("ft-sam", {}).get("total")
+    ratio = (f"\nf-SFT per epoch / FT-SAM per epoch: {costs['fsft'] / costs['ft-sam']:.2f}"
+             if "fsft" in costs and "ft-sam" in costs else "")
     lines = [f"# Purification cost — {args.attack}, profile {params['profile']}, {len(y)} clean samples, "
              f"{torch.get_num_threads()} threads", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; taskset: "
+             f"{sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '-'}{ratio}", "",
              f"Before: ASR {100 * before['asr']:.2f} %, ACC {100 * before['acc']:.2f} %", "",
              f"## (a) per-epoch cost at {args.epochs} epochs (ratio to ft)", "",
              "| method | s/epoch | ratio to ft |", "|---|---|---|"]
@@ -104,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "purification_cost.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "purification_cost.json").write_text(json.dumps(
-        {"before": before, "per_epoch": costs, "end_to_end": e2e, "fsft_profile": prof}, indent=2))
+        {"threads": torch.get_num_threads(), "before": before, "per_epoch": costs, "end_to_end": e2e,
+         "fsft_profile": prof}, indent=2))
     print("\n".join(lines))
     return 0
 

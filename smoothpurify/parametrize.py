@@ -8,6 +8,11 @@ of (docs/architecture.md); the objective and the optimizer only ever see ``Tuned
   weight becomes ``W = U diag(relu(s + delta)) V^T`` with ``U, s, V`` from one SVD at wrap time
   (a conv weight reshaped to ``out x (in/groups * k...)``) and only ``delta`` (zeros) trainable.
   Built on :mod:`torch.nn.utils.parametrize`, so the wrapped model is still the user's module.
+  While gradients are on, a wrapped Linear/Conv layer whose factors are cheap enough runs
+  *factored*, ``z = (U diag(relu(s + delta))) (Vh a)`` (:meth:`SpectralShift.factored`): the same
+  map with ``W`` never built, and backward then needs no weight-gradient convolution (``U, Vh``
+  are frozen): ``d/d sigma_i = sum_t (u_i^T dz_t)(Vh a)_{i,t}`` comes from the small product with
+  ``U``. Without gradients (evaluation) the layer reads the rebuilt ``W`` once per call, as before.
 * ``last_layer``: only the classifier (NGF); the backbone is frozen for real (no gradients,
   every backbone module in eval mode) so its features can be computed once and cached.
 
@@ -17,9 +22,11 @@ architecture and state-dict keys, which is what the purified checkpoint stores.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as P
 
@@ -39,6 +46,13 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 SPECTRAL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 _MHA_BIASES = ("in_proj_bias",)
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PLAIN_FORWARDS = tuple(cls.forward for cls in SPECTRAL_LAYERS)  # subclasses with their own forward: not factored
+
+# Default of ``prepare(..., factored=None)``: run wrapped Linear/Conv layers factored while
+# gradients are on (module docstring). False gives the plain parametrization everywhere (the
+# reference path the factored one is tested against).
+FACTORED = True
 
 
 class SpectralShift(nn.Module):
@@ -67,9 +81,43 @@ class SpectralShift(nn.Module):
         self.register_buffer("s", s.to(dtype))
         self.register_buffer("Vh", vh.to(dtype))
         self.delta = nn.Parameter(torch.zeros_like(self.s))
+        # Set to a list by the Fisher code's ghost-norm path: every factored call appends
+        # ``(layer, Vh a)`` (fisher._fast_per_sample_grads).
+        self.record: list | None = None
+
+    def singular_values(self) -> torch.Tensor:
+        return torch.relu(self.s + self.delta)
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
-        return ((self.U * torch.relu(self.s + self.delta)) @ self.Vh).reshape(self.shape)
+        return ((self.U * self.singular_values()) @ self.Vh).reshape(self.shape)
+
+    def factored(self, layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """``layer(inputs)`` for the Linear/Conv ``layer`` whose weight this is, computed as
+        ``(U diag(relu(s + delta))) (Vh a) + b`` without building ``W``: a convolution with the
+        rows of ``Vh`` as filters (the layer's stride, padding, dilation and padding mode; with
+        groups, every group gets all ``r`` filters, as ``W``'s rows of group ``k`` see only input
+        group ``k``), then a matrix product over channels with the scaled ``U`` (small, so the
+        scale costs nothing on the activations; a matmul, several times faster than a 1x1
+        convolution on CPU; measured faster than one large matmul over channels x (batch,
+        positions), which needs two transposed copies). Batched inputs only (the caller checks)."""
+        rank = self.s.numel()
+        u = self.U * self.singular_values()
+        if isinstance(layer, nn.Linear):
+            h = F.linear(inputs, self.Vh)
+            if self.record is not None:
+                self.record.append((layer, h))
+            return F.linear(h, u, layer.bias)
+        groups, nd, out = layer.groups, len(self.shape) - 2, self.shape[0]
+        filters = self.Vh.reshape(rank, *self.shape[1:])
+        if groups > 1:
+            filters = filters.repeat(groups, *([1] * (nd + 1)))
+        h = layer._conv_forward(inputs, filters, None)
+        if self.record is not None:
+            self.record.append((layer, h))
+        b, spatial = h.shape[0], h.shape[2:]
+        z = u.reshape(groups, out // groups, rank) @ h.reshape(b, groups, rank, -1)
+        z = z.reshape(b, out, *spatial)
+        return z if layer.bias is None else z + layer.bias.reshape(-1, *([1] * nd))
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, rank={self.s.numel()}"
@@ -146,6 +194,8 @@ def bake_parametrizations(model: nn.Module, param_order: dict[str, list[str]] | 
                     replaced[id(original)] = nn.Parameter(value) if is_param else value
                 values[tensor_name] = replaced[id(original)]
         module.__class__ = P.type_before_parametrizations(module)
+        if runs_factored(module):
+            del module.__dict__["forward"]
         del module._modules["parametrizations"]
         for tensor_name, value in values.items():
             if isinstance(value, nn.Parameter):
@@ -157,6 +207,33 @@ def bake_parametrizations(model: nn.Module, param_order: dict[str, list[str]] | 
             if key in own:
                 own[key] = own.pop(key)
     return merged
+
+
+def _factored_forward(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Instance ``forward`` of a wrapped Linear/Conv layer: factored while gradients are on."""
+    plist = self.parametrizations.weight
+    batched = isinstance(self, nn.Linear) or inputs.dim() == len(plist[0].shape)
+    if torch.is_grad_enabled() and batched and len(plist) == 1 and isinstance(plist[0], SpectralShift):
+        return plist[0].factored(self, inputs)
+    return type(self).forward(self, inputs)
+
+
+def runs_factored(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _factored_forward
+
+
+def _factoring_pays(layer: nn.Module, shift: SpectralShift) -> bool:
+    """Multiply-adds per output position: factored ``r * in * k + out * r`` (forward; its backward
+    is about the same again) against ``out * in/groups * k`` for ``W`` (forward, then the same twice
+    in backward: input and weight gradients). Depthwise convolutions, say, stay unfactored."""
+    out, rank = shift.shape[0], shift.s.numel()
+    fan_in = 1
+    for d in shift.shape[1:]:
+        fan_in *= d  # in/groups * k
+    groups = getattr(layer, "groups", 1)
+    factored = rank * groups * fan_in + out * rank
+    return 2 * factored <= 3 * out * fan_in
 
 
 def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -173,12 +250,14 @@ def spectral_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-def _wrap_spectral(model: nn.Module) -> None:
+def _wrap_spectral(model: nn.Module, factored: bool = True) -> None:
     """Register one SpectralShift per distinct weight tensor.
 
     A tensor shared by several modules (tied embedding / output projection) gets the SAME
     SpectralShift registered on every owner, including owners that are not spectral layers
-    (an ``nn.Embedding``), so the tie survives: all of them read ``W(delta)``.
+    (an ``nn.Embedding``), so the tie survives: all of them read ``W(delta)``. With ``factored``,
+    each Linear/Conv owner of a ``weight`` where it pays (:func:`_factoring_pays`) gets the
+    instance ``forward`` :func:`_factored_forward` (removed again by :func:`bake_parametrizations`).
     """
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for _, module in model.named_modules():
@@ -194,6 +273,10 @@ def _wrap_spectral(model: nn.Module) -> None:
         shift = SpectralShift(weight).to(weight.device)
         for owner, owner_attr in owners.get(id(weight), [(module, attr)]):
             P.register_parametrization(owner, owner_attr, shift)
+            if (factored and owner_attr == "weight" and isinstance(owner, SPECTRAL_LAYERS)
+                    and P.type_before_parametrizations(owner).forward in _PLAIN_FORWARDS
+                    and _factoring_pays(owner, shift)):
+                owner.forward = types.MethodType(_factored_forward, owner)
 
 
 def _is_bias(module: nn.Module, attr: str) -> bool:
@@ -203,13 +286,14 @@ def _is_bias(module: nn.Module, attr: str) -> bool:
 
 
 def prepare(model: nn.Module, mode: str, classifier: str | None = None, tune_bias: bool = False,
-            tune_norm: bool = False, inplace: bool = False) -> Tuned:
+            tune_norm: bool = False, inplace: bool = False, factored: bool | None = None) -> Tuned:
     """Wrap ``model`` for tuning in ``mode`` (see module docstring).
 
     ``tune_bias`` / ``tune_norm`` only matter for ``spectral`` (f-SFT freezes biases and
     normalisation layers by default, SFT paper §5.1); ``full`` tunes everything and ``last_layer``
     tunes the classifier's weight and bias only. The caller's model is deep-copied unless
-    ``inplace``, so it stays available as the "before" model.
+    ``inplace``, so it stays available as the "before" model. ``factored`` (default
+    :data:`FACTORED`): spectral layers run factored while gradients are on (module docstring).
     """
     if mode not in MODES:
         raise SmoothPurifyError(f"unknown parametrization {mode!r}; choose one of {', '.join(MODES)}")
@@ -236,7 +320,7 @@ def prepare(model: nn.Module, mode: str, classifier: str | None = None, tune_bia
         for p in model.parameters():
             p.requires_grad_(False)
         order = {n: list(m._parameters) for n, m in model.named_modules()}
-        _wrap_spectral(model)
+        _wrap_spectral(model, FACTORED if factored is None else factored)
         for name, module in model.named_modules():
             if isinstance(module, SpectralShift):
                 module.delta.requires_grad_(True)

@@ -13,19 +13,20 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.fisher import fisher_diagonal, fisher_trace, per_sample_grads, spectral_fisher_trace
+from smoothpurify.fisher import (fisher_diagonal, fisher_trace, per_sample_grads, spectral_fisher_trace,
+                                 spectral_trace_step)
 from smoothpurify.likelihood import Likelihood
 from smoothpurify.metrics import model_accuracy
 from smoothpurify.methods import MethodConfig
 from smoothpurify.model import call_model, classifier_name, penultimate_features
-from smoothpurify.objective import Objective
+from smoothpurify.objective import Objective, anchor_penalty
 from smoothpurify.optim import NaturalGradient, make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
@@ -116,27 +117,94 @@ def _make_optimizer(cfg: MethodConfig, params: dict[str, torch.Tensor]) -> torch
     return make_optimizer("natural_gradient", values, lr=cfg.lr, damping=cfg.damping, momentum=cfg.momentum)
 
 
+# f-SFT's trace steps through fisher.spectral_trace_step (one forward instead of three passes,
+# _BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
+FUSED_SPECTRAL_TRACE = True
+
+
+def _fuses_trace(cfg: MethodConfig, objective: Objective) -> bool:
+    """f-SFT's objective is NLL + eta_F Tr(F) + eta_r / 2 L_r; the fused step computes exactly
+    that (other terms, a smoothed NLL or an optimizer that is more than "step along .grad" go
+    through the Objective)."""
+    return (FUSED_SPECTRAL_TRACE and cfg.parametrization == "spectral" and cfg.fast_trace
+            and objective.trace_fn is spectral_fisher_trace and objective.trace_weight > 0
+            and cfg.optimizer in ("sgd", "adam") and not cfg.label_smoothing and not cfg.distill_weight
+            and not cfg.feature_shift_weight)
+
+
+def _norm(grads: Iterable[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
+
+
 class _BatchClosure:
     """The loss of this step's batch for ``optimizer.step(closure)``: clears the gradients, evaluates
     the objective, checks it is finite, backpropagates (and clips). ``curvature(opt)`` hands a
-    natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier)."""
+    natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier).
+    With ``fused`` (a one-element list, set to False once the model turns out not to allow it),
+    f-SFT's trace steps go through :meth:`_fused_trace_step`."""
 
     def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
-                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str):
+                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, fused: list[bool] | None = None):
         self.opt, self.objective, self.model, self.params = opt, objective, model, params
         self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
+        self.fused = fused
         self.parts: dict[str, float] = {}
 
-    def __call__(self) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        loss, self.parts = self.objective(self.model, self.params, self.x, self.y, self.step)
+    def _check(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise SmoothPurifyError(f"{self.cfg.name}: loss became {loss.item()} at {self.where}; "
                                     f"lower the learning rate (now {self.cfg.lr})")
+
+    def __call__(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        obj = self.objective
+        if self.fused and self.fused[0] and self.step % obj.trace_every == 0:
+            loss = self._fused_trace_step()
+            if loss is not None:
+                return loss
+            self.fused[0] = False
+        loss, self.parts = obj(self.model, self.params, self.x, self.y, self.step)
+        self._check(loss)
         loss.backward()
         if self.cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
         return loss
+
+    def _fused_trace_step(self) -> torch.Tensor | None:
+        """What ``Objective.__call__`` and ``backward()`` compute on a trace step (same parts, same
+        step bound, same gradient), with the NLL, the trace and their gradients from one ghost-norm
+        pass (:func:`spectral_trace_step`) instead of five forward/backward passes; ``None`` if the
+        model does not allow it."""
+        obj, params = self.objective, self.params
+        out = spectral_trace_step(self.model, self.x, self.y, obj.likelihood, params)
+        if out is None:
+            return None
+        nll, trace, g_nll, g_trace = out
+        weight = obj.trace_weight
+        parts = {"nll": float(nll.detach())}
+        if obj.trace_step_bound:  # Objective._trace_scale on the gradients at hand
+            n_term = _norm(weight * g for g in g_trace.values())
+            weight = weight * (1.0 if n_term == 0 else min(1.0, _norm(g_nll.values()) / n_term))
+            parts["trace_scale"] = weight / obj.trace_weight
+        total = nll.detach() + weight * trace.detach()
+        parts["trace_f"] = float(trace.detach())
+        grads = {n: g_nll[n] + weight * g_trace[n] for n in params}
+        if obj.anchor_weight > 0:
+            penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
+            scaled = 0.5 * obj.anchor_weight * penalty
+            for (n, p), g in zip(params.items(), torch.autograd.grad(scaled, list(params.values()),
+                                                                       allow_unused=True)):
+                if g is not None:
+                    grads[n] = grads[n] + g
+            total = total + scaled.detach()
+            parts["anchor"] = float(penalty.detach())
+        self._check(total)
+        for n, p in params.items():
+            p.grad = grads[n]
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), self.cfg.max_grad_norm)
+        self.parts = parts
+        return total
 
     def curvature(self, opt: NaturalGradient) -> None:
         likelihood, x, y = self.objective.likelihood, self.x, self.y
@@ -251,6 +319,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     sched = (torch.optim.lr_scheduler.StepLR(base_opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
              if cfg.lr_step else None)
     head_norm = float(head_orig.norm()) if cfg.project_classifier_norm else None
+    fused = [True] if _fuses_trace(cfg, objective) else None
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
     val_loss, curves, parts, part_sums = [], [], {}, []
     steps_total = cfg.iterations or cfg.epochs * math.ceil(n / batch_size)
@@ -267,7 +336,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             x, y = index_inputs(work_inputs, idx.to(targets.device)), targets[idx.to(targets.device)]
             if do_augment:
                 x = augment(x, gen)
-            closure = _BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}")
+            closure = _BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
+                                    fused)
             opt.step(closure)
             parts = closure.parts
             if head_norm is not None:
