@@ -163,6 +163,11 @@ class Modality(Protocol):
       (default: mask and pattern for ``[..., C, H, W]`` inputs, else a universal additive perturbation);
     * ``training_loss(...)``: the per-sample training loss where it is not the likelihood's NLL
       (multi-label's asymmetric loss).
+
+    Optional attribute ``method_defaults``: ``{preset: {setting: value}}``, the modality's own
+    settings of a tuning preset (issue: "a modality may carry its own defaults"), applied under
+    params.yaml's ``purify.common`` / ``purify.overrides`` and the command line's options
+    (:func:`method_defaults`).
     """
 
     name: str
@@ -235,6 +240,11 @@ class Modality(Protocol):
 
     def evaluate(self, model: nn.Module, data_dir: Path, attack: Attack, device: str = "cpu") -> dict[str, float]:
         """One value per entry of :attr:`metrics`, keyed by ``Metric.key``."""
+
+
+def method_defaults(modality: Any, method: str) -> dict[str, Any]:
+    """The modality's own settings of the tuning preset ``method`` (empty when it has none)."""
+    return dict((getattr(modality, "method_defaults", None) or {}).get(method) or {})
 
 
 OPTIONAL_HOOKS = {"trigger_figure": ("data_dir", "attack", "path"), "scan_family": (), "training_loss": None}

@@ -192,6 +192,7 @@ def purify(
     """Purify your own checkpoint on a little clean data; report ACC/ASR/RA before and after."""
     from smoothpurify.methods import PRESETS, RECOMMENDED_FROM
     from smoothpurify.runner import make_runner
+    from modalities.contract import method_defaults
     from pipeline.own_checkpoint import check_device, check_out, purify_checkpoint
     from pipeline.report.tables import print_table
 
@@ -199,8 +200,12 @@ def purify(
     check_device(device)
     mod = _modality(modality)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("augment", augment)) if v is not None}
+
+    def modality_runner(name: str, given: dict | None):  # the modality's own preset settings, then the options
+        return make_runner(name, {**method_defaults(mod, name), **(given or {})} if name in PRESETS else {})
+
     if method != "auto":
-        _, runner = make_runner(method, overrides if method in PRESETS else {})
+        _, runner = modality_runner(method, overrides)
     if overrides and method not in PRESETS and method != "auto":
         raise SmoothPurifyError(f"--epochs/--lr/--augment apply to the tuning presets ({', '.join(PRESETS)}), "
                                 f"not {method}")
@@ -214,7 +219,7 @@ def purify(
         from smoothpurify.auto import auto_runner
 
         runner = auto_runner(lambda net: scan_model(mod, net, clean, num_classes, seed=seed, device=device),
-                             overrides=overrides, log=typer.echo)
+                             overrides=overrides, make_runner=modality_runner, log=typer.echo)
     record = purify_checkpoint(mod, checkpoint=checkpoint, model_spec=model, num_classes=num_classes, clean=clean,
                                method_runner=runner, out=out, classifier=classifier, test=test, poisoned=poisoned,
                                target_label=target_label, seed=seed, device=device, keep_diverged=keep_diverged,

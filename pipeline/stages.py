@@ -16,6 +16,7 @@ from smoothpurify.checkpoint import save_checkpoint, write_json
 from smoothpurify.methods import PRESETS
 from smoothpurify.runner import make_runner
 from pipeline.params import file_hash, fingerprint
+from modalities.contract import get_modality, method_defaults
 from pipeline.run import BENIGN, Run
 
 __all__ = ["BENIGN", "prepare", "train_attack", "evaluate", "purify", "method_runner", "method_overrides",
@@ -95,10 +96,12 @@ def _backdoored_metrics(run: Run, attack: str) -> dict[str, float] | None:
     return rec.get("backdoored") if fp is not None and rec.get("backdoored_model") == fp else None
 
 
-def method_overrides(params: dict[str, Any], method: str) -> dict[str, Any]:
-    """params.yaml's ``purify.common`` then ``purify.overrides.<method>``."""
+def method_overrides(params: dict[str, Any], method: str, modality: str | None = None) -> dict[str, Any]:
+    """The modality's own settings of the preset (``method_defaults``), then params.yaml's
+    ``purify.common``, then ``purify.overrides.<method>``."""
     section = params.get("purify", {}) or {}
-    return {**(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
+    own = method_defaults(get_modality(modality), method) if modality else {}
+    return {**own, **(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
 
 
 def check_names(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str]) -> None:
@@ -108,10 +111,10 @@ def check_names(modality: str, params: dict[str, Any], attacks: list[str], metho
     if unknown:
         raise SmoothPurifyError(f"unknown attack {unknown[0]!r}; choose one of: {', '.join(known)}")
     for method in methods:
-        method_runner(params, method)
+        method_runner(params, method, modality)
 
 
-def method_runner(params: dict[str, Any], method: str):
+def method_runner(params: dict[str, Any], method: str, modality: str | None = None):
     """``(settings, run)`` for ``method`` with params.yaml's settings.
 
     Tuning-loop presets get ``purify.common`` then ``purify.overrides.<method>``; baseline defenses
@@ -119,7 +122,7 @@ def method_runner(params: dict[str, Any], method: str):
     """
     section = params.get("purify", {}) or {}
     own = ((section.get("overrides") or {}).get(method)) or {}
-    return make_runner(method, method_overrides(params, method) if method in PRESETS else own)
+    return make_runner(method, method_overrides(params, method, modality) if method in PRESETS else own)
 
 
 def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,
@@ -133,7 +136,7 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
 
     run = Run(modality, params)
     mod = run.modality
-    settings, run_method = method_runner(params, method)
+    settings, run_method = method_runner(params, method, modality)
     out, metrics_path = run.purified_dir(attack, method), run.purify_metrics(attack, method)
     curve_every = int((params.get("purify", {}) or {}).get("curve_every") or 0)
     # Content, not timings: a retrain that gives byte-identical weights re-runs nothing.

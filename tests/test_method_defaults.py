@@ -1,0 +1,27 @@
+"""A modality's own preset settings (``method_defaults``): under params.yaml and the command line."""
+from __future__ import annotations
+
+from modalities.contract import get_modality, method_defaults
+from pipeline.stages import method_runner
+
+
+def _settings(params, method, modality):
+    settings, _ = method_runner(params, method, modality)
+    return settings if isinstance(settings, dict) else settings.model_dump()
+
+
+def test_translation_clips_the_fresh_head_presets_and_params_still_win():
+    params = {"purify": {"common": {"epochs": 3}}}
+    assert _settings(params, "recommended", "translation")["max_grad_norm"] == 10.0
+    assert _settings(params, "ft-init", "translation")["max_grad_norm"] == 10.0
+    assert _settings(params, "ft", "translation")["max_grad_norm"] is None        # only the fresh-head presets
+    assert _settings(params, "recommended", "image")["max_grad_norm"] is None     # other modalities untouched
+    assert _settings(params, "recommended", None)["max_grad_norm"] is None        # no modality: the preset
+    params["purify"]["overrides"] = {"recommended": {"max_grad_norm": 3.0}}
+    assert _settings(params, "recommended", "translation")["max_grad_norm"] == 3.0
+    assert _settings(params, "recommended", "translation")["epochs"] == 3
+
+
+def test_a_modality_without_defaults_gives_none():
+    assert method_defaults(get_modality("image"), "recommended") == {}
+    assert method_defaults(object(), "recommended") == {}
