@@ -10,7 +10,8 @@ import yaml
 
 from smoothpurify import SmoothPurifyError
 from modalities.contract import get_modality
-from pipeline.report.paper import LABELS, PAPER_TABLES, PaperTable, compare, load_paper_tables, write_tables
+from pipeline.report.paper import (LABELS, PAPER_TABLES, MatrixSource, PaperTable, RunSource, compare,
+                                   load_paper_tables, write_tables)
 from pipeline.run import Run
 
 TABLE = PaperTable(
@@ -45,7 +46,7 @@ def run_dir(tmp_path):
 
 
 def test_rows_put_our_cell_beside_the_papers_by_name_alias_and_undefended(run_dir):
-    rows, not_run = compare(TABLE, Run("image", run_dir), ["recommended", "sft"])
+    rows, not_run = compare(TABLE, [RunSource(Run("image", run_dir))], ["recommended", "sft"])
     by = {r["method"]: r for r in rows}
     assert not_run == ["lira"]
     assert list(by) == ["none", "sft-theta (ours: sft)", "anp", "recommended"]
@@ -68,7 +69,7 @@ def test_write_tables_writes_markdown_csv_figure_and_names_what_it_skipped(run_d
     assert (out / "sft-1-test-figure.png").stat().st_size > 1000
     with open(out / "sft-1-test.csv") as fh:
         table = list(csv.reader(fh))
-    assert table[0][:4] == ["attack", "method", "ASR % ours", "ASR % paper"]
+    assert table[0][:4] == ["attack", "method", "ASR % ours", "ASR % paper"] and table[0][-1] == "ours from"
     assert table[1][:4] == ["badnets", "none", "99.0", "100.0"]
     assert len(table) == 5  # header + none, sft-theta, anp, recommended (lira: not run)
     with open(out / "sft-1-test-figure.csv") as fh:
@@ -98,3 +99,19 @@ def test_the_transcribed_tables_name_our_modalities_metrics_and_only_their_own_m
             extra = set(cell) - {"attack", "method"} - set(table.metrics)
             assert not extra, (table.id, cell)
             assert all(isinstance(cell[m], (int, float)) for m in table.metrics if m in cell), (table.id, cell)
+
+
+def test_a_matrix_supplies_the_attacks_the_run_did_not_train_from_one_model_each(run_dir, tmp_path):
+    matrix = tmp_path / "matrix.json"
+    matrix.write_text(json.dumps({"rows": {
+        "lira": {"none": {"asr": 0.97, "acc": 0.88}, "sft": {"asr": 0.5, "acc": 0.87, "seconds": {"total": 30.0}}},
+        "badnets": {"none": {"asr": 0.5, "acc": 0.5}}}}))   # the run has badnets: the matrix is not read for it
+    sources = [RunSource(Run("image", run_dir)), MatrixSource(matrix)]
+    rows, not_run = compare(TABLE, sources, ["sft"])
+    assert not_run == []
+    lira = {r["method"]: r for r in rows if r["attack"] == "lira"}
+    assert (lira["none"]["asr_ours"], lira["none"]["asr_paper"], lira["none"]["source"]) == (97.0, 99.2, "matrix")
+    assert lira["sft"]["acc_ours"] == 87.0 and lira["sft"]["lambda_max_ours"] is None
+    badnets = {r["method"]: r for r in rows if r["attack"] == "badnets"}
+    assert badnets["none"]["asr_ours"] == 99.0 and badnets["none"]["source"] == "run"
+    assert badnets["anp"]["source"] == "-"

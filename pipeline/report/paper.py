@@ -13,6 +13,7 @@ says which data and model each side used, so "beside" never reads as "the same e
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,33 +95,75 @@ def _model_name(method: str) -> str:
     return BACKDOORED if method == UNDEFENDED else method
 
 
-def our_cell(run: Run, attack: str, method: str, metrics: list[str]) -> dict[str, Any] | None:
-    """Our values of ``metrics`` for the attack's model ``method`` (``none``: undefended), or None if not run."""
-    name = _model_name(method)
-    values = run.read_json(run.cell_metrics(attack, name))
-    if values is None:
-        return None
-    out = {m: values.get(m) for m in metrics}
-    if "lambda_max" in metrics:
-        analysed = name if method == UNDEFENDED else f"purified-{method}"
-        out["lambda_max"] = (run.read_json(run.root / "metrics" / "analysis" / f"{attack}-{analysed}.json")
-                             or {}).get("lambda_max")
-    if "seconds" in metrics and method != UNDEFENDED:
-        sec = (run.read_json(run.purify_metrics(attack, method)) or {}).get("seconds")
-        out["seconds"] = sec.get("total") if isinstance(sec, dict) else sec
-    return out
+class RunSource:
+    """Our cells from a run folder (the DVC / flow pipeline)."""
+
+    label = "run"
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def has(self, attack: str) -> bool:
+        return self.run.read_json(self.run.cell_metrics(attack, BACKDOORED)) is not None
+
+    def cell(self, attack: str, method: str, metrics: list[str]) -> dict[str, Any] | None:
+        """Our values of ``metrics`` for the attack's model ``method`` (``none``: undefended), or None."""
+        run, name = self.run, _model_name(method)
+        values = run.read_json(run.cell_metrics(attack, name))
+        if values is None:
+            return None
+        out = {m: values.get(m) for m in metrics}
+        if "lambda_max" in metrics:
+            analysed = name if method == UNDEFENDED else f"purified-{method}"
+            out["lambda_max"] = (run.read_json(run.root / "metrics" / "analysis" / f"{attack}-{analysed}.json")
+                                 or {}).get("lambda_max")
+        if "seconds" in metrics and method != UNDEFENDED:
+            out["seconds"] = _total_seconds((run.read_json(run.purify_metrics(attack, method)) or {}).get("seconds"))
+        return out
 
 
-def compare(table: PaperTable, run: Run, our_methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows (attack, method, ``<metric>_paper``, ``<metric>_ours``) for the attacks we ran, and the paper's
-    attacks we did not run."""
+class MatrixSource:
+    """Our cells from a purification matrix (``benchmarks/purification_matrix.py``'s JSON: attack ->
+    method -> fractions), for the attacks the run did not train; no smoothness analysis there."""
+
+    label = "matrix"
+
+    def __init__(self, path: Path):
+        try:
+            self.rows = json.loads(Path(path).read_text()).get("rows") or {}
+        except (OSError, json.JSONDecodeError):
+            self.rows = {}
+
+    def has(self, attack: str) -> bool:
+        return UNDEFENDED in self.rows.get(attack, {})
+
+    def cell(self, attack: str, method: str, metrics: list[str]) -> dict[str, Any] | None:
+        values = self.rows.get(attack, {}).get(method)
+        if values is None:
+            return None
+        out = {m: (None if values.get(m) is None else round(100.0 * float(values[m]), 2))
+               for m in metrics if m in ("asr", "acc", "ra")}
+        if "seconds" in metrics and method != UNDEFENDED:
+            out["seconds"] = _total_seconds(values.get("seconds"))
+        return out
+
+
+def _total_seconds(sec: Any) -> float | None:
+    return sec.get("total") if isinstance(sec, dict) else sec
+
+
+def compare(table: PaperTable, sources: list[Any], our_methods: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (attack, method, ``<metric>_paper``, ``<metric>_ours``, ``source``) for the attacks we ran,
+    and the paper's attacks we did not run. Each attack's cells all come from the first source that
+    holds its backdoored model (one model per row group)."""
     rows, not_run = [], []
     for attack in table.attacks():
         if attack == ALL_ATTACKS:
-            rows += _mean_seconds_rows(table, run)
+            rows += _mean_seconds_rows(table, sources[0])
             continue
         ran = table.ours_attacks.get(attack, attack)
-        if run.read_json(run.cell_metrics(ran, BACKDOORED)) is None:
+        source = next((src for src in sources if src.has(ran)), None)
+        if source is None:
             not_run.append(attack)
             continue
         shown_attack = attack if ran == attack else f"{attack} (ours: {ran})"
@@ -130,38 +173,40 @@ def compare(table: PaperTable, run: Run, our_methods: list[str]) -> tuple[list[d
         for method in [*paper_methods, *extra]:
             paper = table.cell(attack, method) if method in paper_methods else None
             ours_as = table.our_name(method) if paper is not None else method
-            ours = our_cell(run, ran, ours_as, table.metrics) or {}
+            ours = source.cell(ran, ours_as, table.metrics) or {}
             label = method if ours_as == method else f"{method} (ours: {ours_as})"
             row = {"attack": shown_attack, "method": label}
             for m in table.metrics:
                 row[f"{m}_paper"] = None if paper is None else paper.get(m)
                 row[f"{m}_ours"] = ours.get(m)
+            row["source"] = source.label if ours else "-"
             rows.append(row)
     return rows, not_run
 
 
-def _mean_seconds_rows(table: PaperTable, run: Run) -> list[dict[str, Any]]:
-    """A runtime averaged over all attacks (SFT Table 6): ours averaged over the attacks we ran."""
-    attacks = [a for a in (run.section.get("attacks") or [])
-               if run.read_json(run.cell_metrics(a, BACKDOORED)) is not None]
+def _mean_seconds_rows(table: PaperTable, source: RunSource) -> list[dict[str, Any]]:
+    """A runtime averaged over all attacks (SFT Table 6): ours averaged over the run's attacks."""
+    attacks = [a for a in (source.run.section.get("attacks") or []) if source.has(a)]
     rows = []
     for method in table.methods():
         paper = table.cell(ALL_ATTACKS, method)
         if paper is None or method == UNDEFENDED:
             continue
         ours_as = table.our_name(method)
-        seconds = [s for a in attacks if (s := (our_cell(run, a, ours_as, ["seconds"]) or {}).get("seconds")) is not None]
+        seconds = [s for a in attacks if (s := (source.cell(a, ours_as, ["seconds"]) or {}).get("seconds")) is not None]
         row = {"attack": f"{ALL_ATTACKS} (mean)", "method": method if ours_as == method else f"{method} (ours: {ours_as})"}
         row.update({f"{m}_paper": paper.get(m) for m in table.metrics})
         row.update({f"{m}_ours": None for m in table.metrics})
         row["seconds_ours"] = round(sum(seconds) / len(seconds), 2) if seconds else None
+        row["source"] = source.label if seconds else "-"
         rows.append(row)
     return rows
 
 
 def _columns(table: PaperTable) -> list[tuple[str, str]]:
     return [("attack", "attack"), ("method", "method"),
-            *((f"{m}_{side}", f"{LABELS.get(m, m)} {side}") for m in table.metrics for side in ("ours", "paper"))]
+            *((f"{m}_{side}", f"{LABELS.get(m, m)} {side}") for m in table.metrics for side in ("ours", "paper")),
+            ("source", "ours from")]
 
 
 def _figure(table: PaperTable, rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -212,9 +257,12 @@ def _markdown(table: PaperTable, run: Run, rows: list[dict[str, Any]], not_run: 
     return "\n".join(lines) + "\n\n"
 
 
-def write_tables(params: dict[str, Any], out_dir: Path, tables: list[PaperTable] | None = None) -> Path:
+def write_tables(params: dict[str, Any], out_dir: Path, tables: list[PaperTable] | None = None,
+                 matrices: dict[str, Path] | None = None) -> Path:
     """Each paper table with our numbers (Markdown, CSV, a figure) under ``out_dir``, and ``README.md``
-    gathering them; tables of modalities without a run are listed as such. Returns the index path."""
+    gathering them; tables of modalities without a run are listed as such. ``matrices`` (modality ->
+    a purification-matrix JSON) adds the attacks a run did not train, marked ``matrix``. Returns the
+    index path."""
     tables = load_paper_tables() if tables is None else tables
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +273,9 @@ def write_tables(params: dict[str, Any], out_dir: Path, tables: list[PaperTable]
         if not run.root.is_dir():
             skipped.append(f"{table.id} ({table.modality}: no run folder)")
             continue
-        rows, not_run = compare(table, run, methods)
+        sources = [RunSource(run)] + ([MatrixSource(matrices[table.modality])]
+                                      if table.modality in (matrices or {}) else [])
+        rows, not_run = compare(table, sources, methods)
         if not rows:
             skipped.append(f"{table.id} (none of its attacks run: {', '.join(not_run)})")
             continue
@@ -237,7 +287,9 @@ def write_tables(params: dict[str, Any], out_dir: Path, tables: list[PaperTable]
         parts.append(text)
     index = ["# The papers' tables, ours beside theirs", "",
              "Written by `python -m tasks tables` (DVC stage `tables`) from the run folders and "
-             "`pipeline/report/paper_tables.yaml`. `none` is the undefended model.", "", *parts]
+             "`pipeline/report/paper_tables.yaml`. `none` is the undefended model. \"ours from\": `run` = the "
+             "pipeline's run folder (`dvc repro`), `matrix` = `benchmarks/results/purification_matrix.json` "
+             "(the image benchmark matrix, same smoke profile, for the attacks the run did not train).", "", *parts]
     if skipped:
         index += ["## Not written", "", *(f"- {s}" for s in skipped), ""]
     readme = out_dir / "README.md"
