@@ -167,7 +167,8 @@ class Modality(Protocol):
     Optional attribute ``method_defaults``: ``{preset: {setting: value}}``, the modality's own
     settings of a tuning preset (issue: "a modality may carry its own defaults"), applied under
     params.yaml's ``purify.common`` / ``purify.overrides`` and the command line's options
-    (:func:`method_defaults`).
+    (:func:`method_defaults`). Optional attribute ``pad_value``: the id that right-pads token
+    sequences, so that batches of different lengths can be joined (the smoothness analysis batch).
     """
 
     name: str

@@ -57,7 +57,8 @@ def analysis_batch(modality: str, params: dict[str, Any], attack: str,
     trigger = run.load_trigger(attack)
     x, y = run.modality.load_split(run.data_dir, "test")
     xp, yp_true, _ = trigger.poisoned_test_set(x, y)
-    inputs, targets, mask = build_analysis_batch(x, y, xp, yp_true, s.n_clean, s.n_poison, seed)
+    inputs, targets, mask = build_analysis_batch(x, y, xp, yp_true, s.n_clean, s.n_poison, seed,
+                                                 pad_value=getattr(run.modality, "pad_value", None))
     _save_batch(path, inputs, targets, mask, {"fingerprint": fp, "attack": attack, "split": "test",
                                               "n_clean": s.n_clean, "n_poison": s.n_poison, "seed": seed})
     return inputs, targets, mask

@@ -91,16 +91,30 @@ def analysis_settings(section: dict[str, Any] | AnalysisSettings | None) -> Anal
 
 # -- the fixed batch ---------------------------------------------------------------------------------
 
-def _cat(a: Any, b: Any) -> Any:
+def _join(x: torch.Tensor, y: torch.Tensor, pad_value: int | None) -> torch.Tensor:
+    """``x`` then ``y`` along the batch; sequences of different lengths (the last dimension) are
+    right-padded with ``pad_value`` first."""
+    if x.shape[1:] != y.shape[1:] and pad_value is not None and x.shape[1:-1] == y.shape[1:-1]:
+        width = max(x.shape[-1], y.shape[-1])
+        x, y = (torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=pad_value) for t in (x, y))
+    if x.shape[1:] != y.shape[1:]:
+        raise SmoothPurifyError(f"clean and poisoned samples differ in shape ({list(x.shape[1:])} vs "
+                                f"{list(y.shape[1:])}) and the modality names no padding value to join them")
+    return torch.cat([x, y])
+
+
+def _cat(a: Any, b: Any, pad_value: int | None = None) -> Any:
     if isinstance(a, (tuple, list)):
-        return type(a)(torch.cat([x, y]) for x, y in zip(a, b))
-    return torch.cat([a, b])
+        return type(a)(_join(x, y, pad_value) for x, y in zip(a, b))
+    return _join(a, b, pad_value)
 
 
 def build_analysis_batch(clean_x: Any, clean_y: torch.Tensor, poisoned_x: Any, poisoned_true_y: torch.Tensor,
-                         n_clean: int = 100, n_poison: int = 100, seed: int = 0) -> tuple[Any, torch.Tensor, torch.Tensor]:
+                         n_clean: int = 100, n_poison: int = 100, seed: int = 0,
+                         pad_value: int | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """``(inputs, targets, poisoned_mask)``: ``n_clean`` clean samples then ``n_poison`` poisoned
-    inputs with their true labels, drawn without replacement by ``seed`` (order kept sorted)."""
+    inputs with their true labels, drawn without replacement by ``seed`` (order kept sorted).
+    Token sequences (translation) of different lengths are right-padded with ``pad_value``."""
     if n_clean > len(clean_y) or n_poison > len(poisoned_true_y):
         raise SmoothPurifyError(f"analysis batch wants {n_clean} clean and {n_poison} poisoned samples, but only "
                                 f"{len(clean_y)} clean and {len(poisoned_true_y)} poisoned test inputs exist; "
@@ -108,8 +122,8 @@ def build_analysis_batch(clean_x: Any, clean_y: torch.Tensor, poisoned_x: Any, p
     gen = torch.Generator().manual_seed(int(seed))
     ci = torch.randperm(len(clean_y), generator=gen)[:n_clean].sort().values
     pi = torch.randperm(len(poisoned_true_y), generator=gen)[:n_poison].sort().values
-    inputs = _cat(index_inputs(clean_x, ci), index_inputs(poisoned_x, pi))
-    targets = torch.cat([clean_y[ci], poisoned_true_y[pi]])
+    inputs = _cat(index_inputs(clean_x, ci), index_inputs(poisoned_x, pi), pad_value)
+    targets = _join(clean_y[ci], poisoned_true_y[pi], pad_value)
     mask = torch.cat([torch.zeros(n_clean, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)])
     return inputs, targets, mask
 

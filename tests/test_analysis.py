@@ -51,6 +51,17 @@ def test_batch_is_clean_then_poisoned_with_true_labels_and_seeded():
     assert "\n" not in str(err.value)
 
 
+def test_token_sequences_of_different_lengths_are_right_padded_with_the_modalitys_pad():
+    src, tgt = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 2], [3, 0]])
+    src_p, tgt_p = torch.tensor([[4, 5, 6, 7, 9]]), torch.tensor([[7, 7, 7, 7]])
+    (s, prev), targets, mask = build_analysis_batch((src, src), tgt, (src_p, src_p), tgt_p, n_clean=2, n_poison=1,
+                                                    pad_value=0)
+    assert s.tolist() == [[5, 6, 7, 0, 0], [8, 9, 0, 0, 0], [4, 5, 6, 7, 9]] and torch.equal(prev, s)
+    assert targets.tolist() == [[1, 2, 0, 0], [3, 0, 0, 0], [7, 7, 7, 7]] and mask.tolist() == [False, False, True]
+    with pytest.raises(SmoothPurifyError, match="differ in shape .* no padding value"):
+        build_analysis_batch(src, tgt, src_p, tgt_p, n_clean=2, n_poison=1)
+
+
 def test_settings_validate_with_one_line():
     assert analysis_settings(None) == AnalysisSettings()
     with pytest.raises(SmoothPurifyError, match="analysis.lanczos_steps"):

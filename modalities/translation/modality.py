@@ -77,6 +77,7 @@ class TranslationModality(ClassifierModality):
                           "attack": {"poison_rate": 0.2},
                           "train": {"epochs": 8, "lr": 0.02, "batch_size": 32, "weight_decay": 0.0}}
     deletion = 0.1
+    pad_value = PAD  # joins token sequences of different lengths (the analysis batch: clean + poisoned)
     # The presets that re-initialise the output projection (FST and its variants) diverge here at the
     # image settings: the per-sample NLL sums ~20 token losses, so the fresh projection's gradient
     # starts ~100x an image's (norm ~100, NaN by the 9th step of `recommended` on the smoke model).
