@@ -10,11 +10,11 @@ def _settings(params, method, modality):
     return settings if isinstance(settings, dict) else settings.model_dump()
 
 
-def test_translation_clips_the_fresh_head_presets_and_params_still_win():
+def test_translation_clips_every_tuning_preset_and_params_still_win():
     params = {"purify": {"common": {"epochs": 3}}}
     assert _settings(params, "recommended", "translation")["max_grad_norm"] == 10.0
     assert _settings(params, "ft-init", "translation")["max_grad_norm"] == 10.0
-    assert _settings(params, "ft", "translation")["max_grad_norm"] is None        # only the fresh-head presets
+    assert _settings(params, "ft-sam", "translation")["max_grad_norm"] == 10.0
     assert _settings(params, "recommended", "image")["max_grad_norm"] is None     # other modalities untouched
     assert _settings(params, "recommended", None)["max_grad_norm"] is None        # no modality: the preset
     params["purify"]["overrides"] = {"recommended": {"max_grad_norm": 3.0}}

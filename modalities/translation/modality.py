@@ -21,6 +21,7 @@ import torch
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import save_checkpoint, write_json
 from smoothpurify.likelihood import Categorical
+from smoothpurify.methods import PRESETS
 from smoothpurify.metrics import Metric
 from modalities.contract import BENIGN
 from modalities.kit import SPLITS, ClassifierModality
@@ -78,13 +79,14 @@ class TranslationModality(ClassifierModality):
                           "train": {"epochs": 8, "lr": 0.02, "batch_size": 32, "weight_decay": 0.0}}
     deletion = 0.1
     pad_value = PAD  # joins token sequences of different lengths (the analysis batch: clean + poisoned)
-    # The presets that re-initialise the output projection (FST and its variants) diverge here at the
-    # image settings: the per-sample NLL sums ~20 token losses, so the fresh projection's gradient
-    # starts ~100x an image's (norm ~100, NaN by the 9th step of `recommended` on the smoke model).
-    # Clipping the gradient norm, as conv seq2seq training does (Gehring et al. 2017 clip at 0.1 on a
-    # token mean), keeps the same objective; 10 was the first value tried and the clean tuning loss
-    # fell steadily with it (no test data looked at).
-    method_defaults = {name: {"max_grad_norm": 10.0} for name in ("recommended", "fst-kd", "fst", "ft-init")}
+    # Every tuning preset clips the gradient norm at 10 here. The per-sample NLL sums ~20 token losses,
+    # so gradients start ~100x an image's (norm ~100): at the image settings `recommended` (fresh
+    # output projection) reached NaN at step 9 and `ft-sam` (ASAM rho 2) at step 6 on the smoke model.
+    # Clipping, as conv seq2seq training does (Gehring et al. 2017 clip at 0.1 on a token mean), keeps
+    # every objective as it is; 10 was the first value tried, and the clean tuning loss of `recommended`
+    # fell steadily with it (no test data looked at). One setting for all presets, so the methods stay
+    # comparable.
+    method_defaults = {name: {"max_grad_norm": 10.0} for name in PRESETS}
 
     def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
         if len(input_shape) != 2:
