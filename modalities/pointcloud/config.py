@@ -16,6 +16,10 @@ class ComposeParams(Strict):
     train_per_class: int = Field(300, ge=2, description="views per class from its training meshes (val included)")
     test_per_class: int = Field(100, ge=1, description="views per class from its test meshes")
     test_share: float = Field(0.34, gt=0, lt=1, description="share of each class's meshes held out for testing")
+    orient: Literal["pca", "none"] = Field("pca", description="pca: each mesh turned into its principal frame "
+                                           "(geometry.canonicalise) before its views; none: as modelled")
+    up: Literal["minor", "middle", "major"] = Field("minor", description="orient pca: the principal axis that "
+                                                    "becomes the up (z) axis the views rotate about")
 
 
 class PointCloudParams(Strict):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from smoothpurify import SmoothPurifyError
-from modalities.pointcloud.geometry import cloud_from_mesh, random_view, read_off, write_off
+from modalities.pointcloud.geometry import canonicalise, cloud_from_mesh, random_view, read_off, write_off
 
 CGAL_PACKAGE = "libcgal-demo"
 CGAL_TARBALL = "usr/share/doc/libcgal-dev/data.tar.gz"
@@ -97,12 +97,26 @@ def split_meshes(names: list[str], test_share: float, rng: np.random.Generator) 
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
+def load_mesh(path: Path, orient: str = "pca", up: str = "minor") -> tuple[np.ndarray, np.ndarray]:
+    """``(vertices, triangles)`` of a mesh file; ``orient="pca"`` turns it into its principal frame with
+    principal axis ``up`` as z (:func:`~modalities.pointcloud.geometry.canonicalise`), ``"none"``
+    keeps the frame it was modelled in."""
+    verts, faces, _ = read_off(path)
+    if orient == "pca":
+        return canonicalise(verts, faces, up), faces
+    if orient != "none":
+        raise SmoothPurifyError(f"orient must be pca or none, got {orient!r}")
+    return verts, faces
+
+
 def compose_cgal(mesh_dir: Path, out_root: Path, num_points: int, per_class: dict[str, int], test_share: float,
-                 seed: int) -> dict[str, list[str]]:
+                 seed: int, orient: str = "pca", up: str = "minor") -> dict[str, list[str]]:
     """Write views of CGAL meshes in ModelNet's layout under ``out_root``; returns the meshes per split.
 
     Each class gets ``per_class[split]`` views spread evenly over that split's meshes (so a class's
-    size does not depend on how many meshes it has); each view is :func:`random_view`.
+    size does not depend on how many meshes it has); each view is :func:`random_view` of the mesh as
+    :func:`load_mesh` gives it: CGAL's meshes share no up axis, so by default (``orient="pca"``) each
+    is first turned into its principal frame, and the views' random rotation is about a principal axis.
     """
     rng = np.random.default_rng(seed)
     used: dict[str, list[str]] = {"train": [], "test": []}
@@ -111,7 +125,7 @@ def compose_cgal(mesh_dir: Path, out_root: Path, num_points: int, per_class: dic
         if len(present) < 2:
             raise SmoothPurifyError(f"{mesh_dir}: class {cls} needs two of its meshes, found {present}")
         for split, meshes in zip(("train", "test"), split_meshes(present, test_share, rng)):
-            loaded = [read_off(mesh_dir / f"{m}.off")[:2] for m in meshes]
+            loaded = [load_mesh(mesh_dir / f"{m}.off", orient, up) for m in meshes]
             for k in range(per_class[split]):
                 j = k % len(meshes)
                 pts = random_view(*loaded[j], num_points, rng)

@@ -121,11 +121,112 @@ def rotation_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+# --------------------------------------------------------------------------- canonical orientation
+UP_AXES = ("major", "middle", "minor")
+
+
+def surface_moments(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(weights [T], centroids [T, 3], corners [T, 3, 3])`` of the exact area measure of a mesh: a
+    triangle weighs its area. A point-only mesh (no faces, or zero total area) weighs each vertex equally
+    (its "triangles" are the degenerate ``(v, v, v)``), so the moments below fall back to the points'."""
+    areas = triangle_areas(verts, faces) if len(faces) else np.zeros(0)
+    if not np.isfinite(areas.sum()) or areas.sum() <= 0:
+        if len(verts) == 0:
+            raise SmoothPurifyError("cannot orient an empty mesh")
+        corners = np.repeat(np.asarray(verts, np.float64)[:, None, :], 3, axis=1)
+        return np.full(len(verts), 1.0 / len(verts)), corners.mean(1), corners
+    corners = np.asarray(verts, np.float64)[faces]
+    return areas / areas.sum(), corners.mean(1), corners
+
+
+def principal_frame(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mesh's principal axes under the exact area-weighted surface measure: ``(centre [3],
+    axes [3, 3], variances [3])``, ``axes`` a proper rotation whose rows are the axes sorted by
+    decreasing variance (major, middle, minor).
+
+    The moments are integrals over the surface, not over sampled points, so the frame is deterministic
+    and exactly rotation-equivariant: for a triangle of area ``A`` with corners ``a, b, c`` and a linear
+    ``f``, ``int f dA = A (f_a + f_b + f_c) / 3``, ``int f^2 dA = A h_2(f_a, f_b, f_c) / 6`` and
+    ``int f^3 dA = A h_3(f_a, f_b, f_c) / 10`` (``h_k``: the complete homogeneous symmetric polynomial of
+    degree ``k``; from ``int l_1^i l_2^j l_3^k dA = 2A i! j! k! / (i + j + k + 2)!`` in barycentric
+    coordinates). PCA over the surface rather than over the vertices is the "continuous PCA" of pose
+    normalisation (Vranic, Saupe & Richter, "Tools for 3D-object retrieval: Karhunen-Loeve transform and
+    spherical harmonics", MMSP 2001), which also fixes each axis's sign by a moment of the surface.
+    Signs here: the major and middle axes point to where the surface's third central moment along
+    them is positive (the heavier tail); the minor axis is their cross product, so the frame never
+    mirrors the object. A shape whose third moment along an axis vanishes
+    (a sphere, a cube, a torus) or whose variances tie has no unique frame: tied variances (closer than
+    0.5 % of their sum) keep the modelled axes within their eigenspace (:func:`_settle_ties`), and a
+    vanishing moment (below ``1e-9`` of ``variance ** 1.5``) falls back to the sign that makes the
+    axis's largest component positive. Both are deterministic but not rotation-equivariant: only a
+    mesh with distinct variances and non-zero third moments has a frame that rotates with it.
+    """
+    w, cen, corners = surface_moments(verts, faces)
+    centre = (w[:, None] * cen).sum(0)
+    c = corners - centre                                                   # [T, 3 corners, 3]
+    s = c.sum(1)
+    # int x x^T dA = A / 12 (sum_i v_i v_i^T + s s^T), per unit total area
+    cov = (w[:, None, None] * (np.einsum("tki,tkj->tij", c, c) + np.einsum("ti,tj->tij", s, s))).sum(0) / 12
+    var, vec = np.linalg.eigh(cov)                                         # ascending
+    order = np.argsort(var)[::-1]
+    var, axes = var[order], _settle_ties(var[order], vec[:, order].T.copy())  # rows: major, middle, minor
+    for k in (0, 1):
+        f = c @ axes[k]                                                    # [T, 3] values at the corners
+        h3 = (f ** 3).sum(1) + (f[:, 0] ** 2 * (f[:, 1] + f[:, 2]) + f[:, 1] ** 2 * (f[:, 0] + f[:, 2])
+                                + f[:, 2] ** 2 * (f[:, 0] + f[:, 1])) + f.prod(1)
+        m3 = float((w * h3).sum() / 10)
+        if abs(m3) > 1e-9 * max(float(var[k]), 1e-30) ** 1.5:
+            sign = np.sign(m3)
+        else:
+            sign = np.sign(axes[k][np.argmax(np.abs(axes[k]))])
+        axes[k] *= sign
+    axes[2] = np.cross(axes[0], axes[1])
+    return centre, axes, var
+
+
+def _settle_ties(var: np.ndarray, axes: np.ndarray, tol: float = 5e-3) -> np.ndarray:
+    """Within a run of variances closer than ``tol`` of their sum (a sphere, a cube, the two in-plane
+    axes of a torus) any orthonormal basis of the eigenspace is principal, and ``eigh`` returns an
+    arbitrary one. Take instead the modelled coordinate axes projected into it (largest projection
+    first, Gram-Schmidt), so a shape PCA cannot orient keeps the frame it was modelled in."""
+    gap = tol * max(float(var.sum()), 1e-30)
+    start = 0
+    for end in range(1, 4):
+        if end < 3 and var[end - 1] - var[end] <= gap:
+            continue
+        if end - start > 1:
+            basis = axes[start:end]                                        # rows span the eigenspace
+            proj = np.eye(3) @ basis.T @ basis                             # modelled axes, projected
+            picked: list[np.ndarray] = []
+            for j in sorted(range(3), key=lambda j: (-round(float(np.linalg.norm(proj[j])), 6), j)):
+                v = proj[j] - sum((proj[j] @ u) * u for u in picked)
+                if len(picked) < end - start and np.linalg.norm(v) > 1e-6:
+                    picked.append(v / np.linalg.norm(v))
+            axes[start:end] = np.stack(picked)
+        start = end
+    return axes
+
+
+def canonicalise(verts: np.ndarray, faces: np.ndarray, up: str = "minor") -> np.ndarray:
+    """The mesh's vertices in its principal frame (:func:`principal_frame`), centred at the area centroid,
+    with principal axis ``up`` (``major``, ``middle`` or ``minor``) as z. The other two follow in cyclic
+    order (``minor`` up: x major, y middle; ``major`` up: x middle, y minor; ``middle`` up: x minor,
+    y major), so the map is a proper rotation. A canonicalised mesh then gets :func:`random_view`'s
+    rotation about z: its orientation is random about the up axis only, like ModelNet's aligned models."""
+    if up not in UP_AXES:
+        raise SmoothPurifyError(f"up axis must be one of {', '.join(UP_AXES)}, got {up!r}")
+    centre, axes, _ = principal_frame(verts, faces)
+    k = UP_AXES.index(up)
+    frame = axes[[(k + 1) % 3, (k + 2) % 3, k]]                           # rows: new x, y, z
+    return (np.asarray(verts, np.float64) - centre) @ frame.T
+
+
 def random_view(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator,
                 scale: tuple[float, float] = (0.8, 1.25), jitter: float = 0.01, clip: float = 0.05) -> np.ndarray:
     """One training view of a mesh: ``n`` area-weighted surface points, a random rotation about the
     up (z) axis, an anisotropic scale drawn per axis from ``scale``, Gaussian jitter (sigma
-    ``jitter``, clipped at ``clip``, in unit-ball units), then :func:`normalise`."""
+    ``jitter``, clipped at ``clip``, in unit-ball units), then :func:`normalise`. The mesh is taken in
+    the frame it comes in (:func:`canonicalise` it first for a common up axis)."""
     pts = sample_surface(verts, faces, n, rng)
     pts = pts - pts.mean(axis=0)
     pts = pts / max(float(np.linalg.norm(pts, axis=1).max()), 1e-12)

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
 from modalities.kit import SPLITS, ClassifierModality
 from modalities.pointcloud import data as pcdata
 from modalities.pointcloud.attacks import ATTACKS
-from modalities.pointcloud.config import PointCloudParams
+from modalities.pointcloud.config import ComposeParams, PointCloudParams
 from modalities.pointcloud.geometry import read_off
 from modalities.pointcloud.models import MODELS
 
@@ -33,6 +34,19 @@ class PointCloudModality(ClassifierModality):
     conformance_params = {"dataset": "synthetic", "num_points": 64, "val_fraction": 0.1, "model": "pointnet",
                           "attacks": ["pointba-i"], "attack": {"target_label": 0, "poison_rate": 0.1},
                           "train": {"epochs": 4, "lr": 0.05, "batch_size": 32}}
+
+    def data_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The data keys of params.yaml, with ``compose`` completed by its defaults: a composition
+        setting left out of the file (``orient``, ``up``) still shapes the data, so it is part of the
+        prepare stage's fingerprint and a changed default rebuilds the data."""
+        out = super().data_params(params)
+        compose = (params.get(self.name) or {}).get("compose")
+        if compose is None or isinstance(compose, dict):
+            try:
+                out["compose"] = ComposeParams(**(compose or {})).model_dump()
+            except ValidationError:
+                pass  # left raw: the prepare stage's validation names the bad field
+        return out
 
     def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
         if len(input_shape) != 2 or input_shape[0] != 3:
@@ -72,10 +86,11 @@ class PointCloudModality(ClassifierModality):
                 shutil.rmtree(root)
             c = cfg.compose
             used = pcdata.compose_cgal(mesh_dir, root, n, {"train": c.train_per_class, "test": c.test_per_class},
-                                       c.test_share, seed)
+                                       c.test_share, seed, orient=c.orient, up=c.up)
             splits = {s: pcdata.load_modelnet(root, s, n, seed)[:2] for s in ("train", "test")}
             names = pcdata.class_folders(root)
-            source = (f"views of real CGAL meshes ({how}), {len(names)} classes, split by mesh "
+            frame = f"principal frames, {c.up} axis up" if c.orient == "pca" else "frames as modelled"
+            source = (f"views of real CGAL meshes ({how}; {frame}), {len(names)} classes, split by mesh "
                       f"({len(used['train'])} train / {len(used['test'])} test meshes); ModelNet layout in {root}")
             self._meshes = used
             return splits, names, source
