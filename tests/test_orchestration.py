@@ -105,6 +105,8 @@ def test_prefect_deployments_name_flows_parameters_and_matrix_that_exist():
     for deployment in spec["deployments"]:
         path, name = deployment["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        # `prefect deploy --all` stops at the first deployment without a pool (video-smoke once had none)
+        assert (deployment.get("work_pool") or {}).get("name"), f"{deployment['name']} has no work pool"
         given = deployment.get("parameters") or {}
         assert set(given) <= set(inspect.signature(flow.fn).parameters), deployment["name"]
         params = load_params(ROOT / "params.yaml", given.get("profile"))
