@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from prefect import flow
@@ -136,20 +136,23 @@ def main(argv: list[str] | None = None, modality: str | None = None, flow_fn: An
     modality = modality or args.modality
     attacks = args.attacks.split(",") if args.attacks else None
     methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    kw = dict(profile=args.profile, params_path=args.params, attacks=attacks, methods=methods, force=args.force)
+    return run_entry(lambda: selection(modality, load_params(args.params, args.profile), attacks, methods),
+                     lambda: flow_fn(**kw) if flow_fn is not None else backdoor_flow(modality=modality, **kw))
+
+
+def run_entry(check: Callable[[], Any], start: Callable[[], Any]) -> int:
+    """A flow's command-line run: ``check`` the inputs (one-line errors, before Prefect starts), then
+    ``start`` the flow; 2 on a user error, 130 when stopped (Ctrl-C or SIGTERM)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     # SIGTERM (a scheduler stopping the job) stops the flow like Ctrl-C: Prefect marks the run and shuts
     # down its temporary server instead of hanging; finished stages are kept and resume on the next run.
     signal.signal(signal.SIGTERM, _stop)
     try:
-        # one-line errors, before Prefect starts
-        selection(modality, load_params(args.params, args.profile), attacks, methods)
-        kw = dict(profile=args.profile, params_path=args.params, attacks=attacks, methods=methods, force=args.force)
+        check()
         guard_temporary_server()  # a kill -9 of this process leaves no temporary Prefect server behind
-        if flow_fn is not None:
-            flow_fn(**kw)
-        else:
-            backdoor_flow(modality=modality, **kw)
+        start()
     except SmoothPurifyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,8 +14,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backdoor import backdoor_flow
-from flows.orphans import guard_temporary_server
+from flows.backdoor import backdoor_flow, run_entry
 from modalities.contract import available_modalities
 from pipeline.params import load_params
 from smoothpurify import SmoothPurifyError
@@ -64,18 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modalities", default=None, help="comma-separated (default: every registered one)")
     parser.add_argument("--force", action="store_true", help="recompute stages even if their outputs are current")
     args = parser.parse_args(argv)
-    try:
-        modalities = modality_order(args.modalities.split(",") if args.modalities else None)
-        guard_temporary_server()
-        reproduce_flow(profile=args.profile, params_path=args.params, modalities=modalities, force=args.force)
-    except SmoothPurifyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped; finished stages are kept and the next run resumes from them", file=sys.stderr)
-        return 130
-    return 0
-
+    names = args.modalities.split(",") if args.modalities else None
+    return run_entry(lambda: modality_order(names),  # the flow orders them again: checked here, before Prefect
+                     lambda: reproduce_flow(profile=args.profile, params_path=args.params, modalities=names,
+                                            force=args.force))
 
 if __name__ == "__main__":
     sys.exit(main())

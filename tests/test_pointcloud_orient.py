@@ -11,25 +11,7 @@ from modalities.contract import get_modality
 from modalities.pointcloud import data as pcdata
 from modalities.pointcloud.geometry import (canonicalise, parse_off, principal_frame, sample_surface,
                                             triangle_areas, write_off)
-
-CUBE = """OFF
-8 6 0
-0 0 0
-1 0 0
-1 1 0
-0 1 0
-0 0 1
-1 0 1
-1 1 1
-0 1 1
-4 0 3 2 1
-4 4 5 6 7
-4 0 1 5 4
-4 2 3 7 6
-4 1 2 6 5
-4 0 4 7 3
-"""
-
+from tests.test_pointcloud import CUBE  # the handmade cube the OFF reader is tested on
 
 def lopsided_mesh(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A triangle soup with three clearly different variances and skewed along every axis."""
