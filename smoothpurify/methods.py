@@ -40,6 +40,7 @@ class MethodConfig(BaseModel):
     distill_weight: float = Field(0.0, ge=0)
     distill_temperature: float = Field(2.0, gt=0)
     distill_mixup: float = Field(0.0, ge=0)      # > 0: KD on Beta(a, a) mixup views (continuous inputs)
+    overlay_max: float = Field(0.0, ge=0, lt=0.5)  # > 0: tuned model on overlaid views, teacher on clean ones
     # data during tuning: the modality's training-time augmentation (ignored on cached features)
     augment: bool = False
     bn_mode: Literal["train", "eval"] = "train"  # batch norm while tuning: batch statistics or frozen

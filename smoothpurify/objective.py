@@ -24,6 +24,14 @@ SFT paper Eq. 6 (full) and Eq. 7 (spectral shifts); NGF uses NLL + the anchor on
   model on the same view ("function matching", Beyer et al., CVPR 2022). A mix of two clean inputs
   is still trigger-free, and it shows the teacher's clean function between the 600 samples, where hard
   labels say nothing. Continuous inputs only; one more forward pass per step.
+* ``overlay_max = w > 0``: the tuned model sees *overlaid* views: half the batch, at random, gets
+  another input of the batch laid over it, ``(1 - u) x_i + u x_perm(i)`` with ``u ~ U(0, w)``, and
+  keeps its own label; the teacher of the KD term still sees the clean batch. So the tuned model is
+  asked for the clean answer (the hard label and the teacher's clean outputs) under a faint overlay,
+  the consistency of the teacher-clean / student-perturbed pair of Noisy Student (Xie et al., CVPR
+  2020). A trigger blended into the whole image is such an overlay; a teacher shown overlaid views
+  would pass its response to them on (see ``distill_mixup``), which is why it never sees them.
+  Continuous inputs only; no extra forward pass.
 * Label smoothing (``label_smoothing > 0``) replaces the NLL by the likelihood's smoothed loss; the
   Fisher terms always use the true likelihood.
 """
@@ -68,6 +76,7 @@ class Objective:
     teacher: nn.Module | None = None                 # the model as received, frozen, eval mode
     distill_mixup: float = 0.0                       # Beta(a, a) mixup views for the KD term; 0: the batch
     generator: torch.Generator | None = None         # draws the mixup weights and partners
+    overlay_max: float = 0.0                         # > 0: the tuned model sees overlaid views (overlay_view)
 
     def mixup_view(self, inputs: torch.Tensor) -> torch.Tensor:
         """``lam x_i + (1 - lam) x_perm(i)``, ``lam ~ Beta(a, a)`` per sample, one random partner each."""
@@ -78,6 +87,17 @@ class Objective:
         perm = torch.randperm(n, generator=self.generator).to(inputs.device)
         lam = lam.to(inputs.device, inputs.dtype).view(n, *([1] * (inputs.dim() - 1)))
         return lam * inputs + (1 - lam) * inputs[perm]
+
+    def overlay_view(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Half the batch (at random) with another input of the batch laid over it at a weight
+        ``w ~ U(0, overlay_max)``: ``(1 - w) x_i + w x_perm(i)``; the rest unchanged."""
+        n = inputs.shape[0]
+        shape = (n, *([1] * (inputs.dim() - 1)))
+        w = torch.rand(n, generator=self.generator) * self.overlay_max
+        w = w * (torch.rand(n, generator=self.generator) < 0.5)
+        perm = torch.randperm(n, generator=self.generator).to(inputs.device)
+        w = w.to(inputs.device, inputs.dtype).view(shape)
+        return (1 - w) * inputs + w * inputs[perm]
 
     @staticmethod
     def _trace_scale(nll: torch.Tensor, term: torch.Tensor, params: dict[str, torch.Tensor]) -> float:
@@ -93,6 +113,9 @@ class Objective:
     def __call__(self, model: nn.Module, params: dict[str, torch.Tensor], inputs: Any,
                  targets: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss for this step, and its parts (floats) for the record."""
+        clean = inputs
+        if self.overlay_max > 0:
+            inputs = self.overlay_view(inputs)
         outputs = call_model(model, inputs)
         nll = (self.likelihood.smoothed_nll(outputs, targets, self.label_smoothing) if self.label_smoothing
                else self.likelihood.nll(outputs, targets)).mean()
@@ -111,7 +134,7 @@ class Objective:
             total = total + 0.5 * self.anchor_weight * penalty
             parts["anchor"] = float(penalty.detach())
         if self.distill_weight > 0:
-            view, student_out = inputs, outputs
+            view, student_out = clean, outputs
             if self.distill_mixup > 0:
                 view = self.mixup_view(inputs)
                 student_out = call_model(model, view)

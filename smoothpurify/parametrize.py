@@ -82,7 +82,7 @@ class SpectralShift(nn.Module):
         self.register_buffer("Vh", vh.to(dtype))
         self.delta = nn.Parameter(torch.zeros_like(self.s))
         # Set to a list by the Fisher code's ghost-norm path: every factored call appends
-        # ``(layer, Vh a)`` (fisher._fast_per_sample_grads).
+        # ``(layer, Vh a)`` (spectral_trace._fast_per_sample_grads).
         self.record: list | None = None
 
     def singular_values(self) -> torch.Tensor:

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.fisher import (fisher_diagonal, fisher_trace, per_sample_grads, spectral_fisher_trace,
-                                 spectral_trace_step)
+from smoothpurify.fisher import fisher_diagonal, fisher_trace, per_sample_grads
+from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
 from smoothpurify.likelihood import Likelihood
 from smoothpurify.metrics import model_accuracy
 from smoothpurify.methods import MethodConfig
@@ -117,7 +117,7 @@ def _make_optimizer(cfg: MethodConfig, params: dict[str, torch.Tensor]) -> torch
     return make_optimizer("natural_gradient", values, lr=cfg.lr, damping=cfg.damping, momentum=cfg.momentum)
 
 
-# f-SFT's trace steps through fisher.spectral_trace_step (one forward instead of three passes,
+# f-SFT's trace steps through spectral_trace.spectral_trace_step (one forward instead of three passes,
 # _BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
 FUSED_SPECTRAL_TRACE = True
 
@@ -129,7 +129,7 @@ def _fuses_trace(cfg: MethodConfig, objective: Objective) -> bool:
     return (FUSED_SPECTRAL_TRACE and cfg.parametrization == "spectral" and cfg.fast_trace
             and objective.trace_fn is spectral_fisher_trace and objective.trace_weight > 0
             and cfg.optimizer in ("sgd", "adam") and not cfg.label_smoothing and not cfg.distill_weight
-            and not cfg.feature_shift_weight)
+            and not cfg.feature_shift_weight and not cfg.overlay_max)
 
 
 def _norm(grads: Iterable[torch.Tensor]) -> float:
@@ -308,6 +308,11 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                 raise SmoothPurifyError(f"{cfg.name}: distill_mixup mixes inputs, which needs one floating-point "
                                         "input tensor (token or tuple inputs cannot be mixed); set it to 0")
             objective.distill_mixup, objective.generator = cfg.distill_mixup, gen
+    if cfg.overlay_max > 0:
+        if not (isinstance(work_inputs, torch.Tensor) and work_inputs.is_floating_point()):
+            raise SmoothPurifyError(f"{cfg.name}: overlay_max lays one input over another, which needs one "
+                                    "floating-point input tensor (token or tuple inputs cannot be overlaid); set it to 0")
+        objective.overlay_max, objective.generator = cfg.overlay_max, gen
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)
     tuned.eval()

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.fisher import (fisher_diagonal, fisher_trace, per_sample_grads, sample_targets,
-                                 spectral_fisher_trace, tuned_parameters, verify_spectral_trace)
+from smoothpurify.fisher import fisher_diagonal, fisher_trace, per_sample_grads, sample_targets, tuned_parameters
+from smoothpurify.spectral_trace import spectral_fisher_trace, verify_spectral_trace
 from smoothpurify.likelihood import Bernoulli, Categorical
 from smoothpurify.model import call_model
 from smoothpurify.parametrize import prepare

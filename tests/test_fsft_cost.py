@@ -12,7 +12,8 @@ from torch import nn
 
 import smoothpurify.parametrize as PA
 import smoothpurify.purify as PU
-from smoothpurify.fisher import fisher_trace, spectral_trace_step
+from smoothpurify.fisher import fisher_trace
+from smoothpurify.spectral_trace import spectral_trace_step
 from smoothpurify.likelihood import Categorical
 from smoothpurify.methods import method_config
 from smoothpurify.parametrize import prepare, runs_factored

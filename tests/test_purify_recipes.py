@@ -115,6 +115,44 @@ def test_mixup_distillation_refuses_inputs_it_cannot_mix():
         purify(model, x, y, Categorical(), cfg, progress=False)
 
 
+def test_overlay_view_lays_a_batch_partner_over_about_half_the_inputs():
+    torch.manual_seed(0)
+    x = torch.rand(400, 1, 4, 4)
+    obj = Objective(Categorical(), overlay_max=0.3, generator=torch.Generator().manual_seed(1))
+    view = obj.overlay_view(x)
+    flat, mixed = x.flatten(1), view.flatten(1)
+    unchanged = (flat == mixed).all(1)
+    assert 150 < int(unchanged.sum()) < 250            # Bernoulli(1/2) per input
+    for i in torch.nonzero(~unchanged).flatten().tolist()[:40]:
+        d = flat - flat[i]                             # view_i = x_i + u (x_j - x_i), u in (0, 0.3]
+        u = ((mixed[i] - flat[i]) * d).sum(1) / (d * d).sum(1).clamp_min(1e-12)
+        resid = (flat[i] + u[:, None] * d - mixed[i]).norm(dim=1)
+        j = int(resid.argmin())
+        assert float(resid[j]) < 1e-5 and 0 < float(u[j]) <= 0.3 + 1e-6
+
+
+def test_overlay_student_sees_the_overlaid_view_and_the_teacher_the_clean_batch():
+    torch.manual_seed(0)
+    model, teacher, (x, y) = TinyCNN(), TinyCNN(), toy_data()
+    obj = Objective(Categorical(), distill_weight=0.5, distill_temperature=2.0, teacher=teacher, overlay_max=0.3,
+                    generator=torch.Generator().manual_seed(3))
+    view = obj.overlay_view(x)
+    assert not torch.equal(view, x)
+    obj.generator = torch.Generator().manual_seed(3)
+    loss, parts = obj(model, dict(model.named_parameters()), x, y, step=0)
+    kd = Categorical().distill(model(view), teacher(x), y, 2.0).mean()
+    torch.testing.assert_close(loss, Categorical().nll(model(view), y).mean() + 0.5 * kd)
+    assert math.isclose(parts["distill"], float(kd.detach()), rel_tol=1e-5)
+
+
+def test_overlay_refuses_inputs_it_cannot_overlay():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
+    cfg = method_config("fst-kd", {"epochs": 1, "overlay_max": 0.3, "augment": False})
+    with pytest.raises(SmoothPurifyError, match="overlay_max"):
+        purify(model, x, y, Categorical(), cfg, progress=False)
+
+
 def test_recommended_is_fst_with_distillation():
     cfg = method_config("recommended")
     assert cfg.reinit_classifier and cfg.project_classifier_norm and cfg.distill_weight > 0

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.fisher import fisher_diagonal, fisher_trace, spectral_fisher_trace
+from smoothpurify.fisher import fisher_diagonal, fisher_trace
+from smoothpurify.spectral_trace import spectral_fisher_trace
 from smoothpurify.likelihood import Categorical
 from smoothpurify.parametrize import prepare, spectral_layers
 from modalities.contract import get_modality
