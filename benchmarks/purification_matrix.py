@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_common import link_cache, parse_set  # noqa: E402
 
 ATTACKS = ["badnets", "blend", "trojan", "sig", "wanet", "dynamic"]
-METHODS = ["recommended", "fst-lr0.005", "fst", "ft-init", "ft", "ft-sam", "ft-sam-sft", "sft", "sft-authors", "fsft", "ngf",
+METHODS = ["recommended", "fst-kd-overlay", "fst-lr0.005", "fst", "ft-init", "ft", "ft-sam", "ft-sam-sft", "sft", "sft-authors", "fsft", "ngf",
            "cand-asam-rho1", "cand-fst-alpha0.05"]
 RESULTS = ROOT / "benchmarks" / "results"
 # The success bar, stated once: a purification removes the backdoor and keeps the model.
@@ -96,6 +96,14 @@ CANDIDATES = {
     "cand-a2-t1": ("fst-kd", {"feature_shift_weight": 2.0, "distill_temperature": 1.0}),
     "cand-a2-kd2": ("fst-kd", {"feature_shift_weight": 2.0, "distill_weight": 2.0}),   # CE's share halved
     "cand-a4-kd4": ("fst-kd", {"feature_shift_weight": 4.0, "distill_weight": 4.0}),
+    # Fourth pass (overlay consistency, objective.py; 100 epochs as above). The full row of alpha 2,
+    # beta 2, overlay 0.3 is the preset `fst-kd-overlay` (one thread per run, 2026-11-28):
+    "cand-ov3": ("fst-kd", {"overlay_max": 0.3}),
+    "cand-ov3-a05": ("fst-kd", {"overlay_max": 0.3, "feature_shift_weight": 0.5}),
+    "cand-ov3-kd2": ("fst-kd", {"overlay_max": 0.3, "distill_weight": 2.0}),
+    "cand-ov2-kd2": ("fst-kd", {"overlay_max": 0.2, "distill_weight": 2.0}),
+    "cand-ov3-kd2-a0": ("fst-kd", {"overlay_max": 0.3, "distill_weight": 2.0, "feature_shift_weight": 0.0}),
+    "cand-ov3-kd2-a02": ("fst-kd", {"overlay_max": 0.3, "distill_weight": 2.0, "feature_shift_weight": 0.2}),
 }
 
 

@@ -153,6 +153,14 @@ def test_overlay_refuses_inputs_it_cannot_overlay():
         purify(model, x, y, Categorical(), cfg, progress=False)
 
 
+def test_fst_kd_overlay_is_fst_kd_with_a_stronger_shift_teacher_and_overlays():
+    cfg, base = method_config("fst-kd-overlay"), method_config("fst-kd")
+    changed = {k for k, v in cfg.model_dump().items() if v != base.model_dump()[k]} - {"name"}
+    assert changed <= {"feature_shift_weight", "distill_weight", "overlay_max", "epochs", "lr_step"}
+    assert (cfg.feature_shift_weight, cfg.distill_weight, cfg.overlay_max) == (2.0, 2.0, 0.3)
+    assert method_config("recommended").overlay_max == 0
+
+
 def test_recommended_is_fst_with_distillation():
     cfg = method_config("recommended")
     assert cfg.reinit_classifier and cfg.project_classifier_norm and cfg.distill_weight > 0
@@ -241,7 +249,7 @@ def test_a_destroyed_model_is_flagged_whatever_its_loss():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fst", "ft-init", "fst-kd", "recommended", pytest.param("ft-sam", marks=pytest.mark.xfail(
+@pytest.mark.parametrize("method", ["fst", "ft-init", "fst-kd", "fst-kd-overlay", "recommended", pytest.param("ft-sam", marks=pytest.mark.xfail(
     strict=True, reason="finding: ASAM (rho 2) leaves this tiny small_cnn BadNets at 100 % ASR; on WRN-16-1 it "
                         "removes BadNets (README, purification matrix)"))])
 def test_new_methods_lower_asr_on_a_backdoored_tiny_model(tiny_params, method):
