@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import atomic_write
-from pipeline.report.plots import MAX_WIDTH_IN, STYLE, _finish_grid, _grid, write_csv
+from pipeline.report.plots import MAX_WIDTH_IN, STYLE, finish_grid, grid_shape, write_csv
 from pipeline.report.tables import fmt
 from pipeline.run import BACKDOORED, Run
 
@@ -215,7 +215,7 @@ def _figure(table: PaperTable, rows: list[dict[str, Any]], path: Path) -> Path |
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     if metric is None or not attacks:
         return None
-    nrows, ncols = _grid(len(attacks), 2)
+    nrows, ncols = grid_shape(len(attacks), 2)
     drawn = []
     with rc_context(STYLE):
         fig = Figure(figsize=(MAX_WIDTH_IN if ncols > 1 else 7.5, 0.6 + 3.4 * nrows), layout="constrained")
@@ -234,7 +234,7 @@ def _figure(table: PaperTable, rows: list[dict[str, Any]], path: Path) -> Path |
             ax.grid(axis="y", alpha=0.3)
             drawn += [(attack, r["method"], r[f"{metric}_ours"], r[f"{metric}_paper"]) for r in items]
         title = f"{table.paper.upper()} Table {table.table} ({table.dataset}): {LABELS.get(metric, metric)}"
-        return _finish_grid(fig, axes, len(attacks), 2, title, path,
+        return finish_grid(fig, axes, len(attacks), 2, title, path,
                             ["attack", "method", f"{metric}_ours", f"{metric}_paper"], drawn)
 
 

@@ -70,12 +70,12 @@ def _save(fig: Figure, path: Path) -> Path:
     return Path(path)
 
 
-def _grid(n: int, max_cols: int) -> tuple[int, int]:
+def grid_shape(n: int, max_cols: int) -> tuple[int, int]:
     cols = min(n, max_cols)
     return math.ceil(n / cols), cols
 
 
-def _finish_grid(fig: Figure, axes: Any, used: int, legend_cols: int, title: str | None, path: Path,
+def finish_grid(fig: Figure, axes: Any, used: int, legend_cols: int, title: str | None, path: Path,
                  header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
     """The common end of a small-multiples figure: unused cells hidden, one legend (from the first
     panel) under the grid, the title, the CSV of what was drawn, the checked PNG."""
@@ -102,7 +102,7 @@ def plot_verdict(groups: dict[str, Sequence[dict[str, Any]]], path: Path, attack
     ``clean`` and ``status`` (the verdict word).
     """
     path = Path(path)
-    nrows, ncols = _grid(len(groups), 2)
+    nrows, ncols = grid_shape(len(groups), 2)
     with rc_context(STYLE):
         fig = Figure(figsize=(MAX_WIDTH_IN if ncols > 1 else 7.5, 0.4 + 3.3 * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -120,7 +120,7 @@ def plot_verdict(groups: dict[str, Sequence[dict[str, Any]]], path: Path, attack
             ax.set_ylim(0, 105)
             ax.grid(axis="y", alpha=0.3)
             rows += [(attack, r["method"], r.get("status", ""), r["attack"], r["clean"]) for r in items]
-        return _finish_grid(fig, axes, len(groups), 3, title, path,
+        return finish_grid(fig, axes, len(groups), 3, title, path,
                             ["attack", "method", "verdict", attack_label, clean_label], rows)
 
 
@@ -176,7 +176,7 @@ def plot_curves(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: 
     present = [m for m in metrics if any(p.get(m) is not None for pts in series.values() for p in pts)]
     if not present:
         raise ValueError("plot_curves: no metric to draw (curves are empty)")
-    nrows, ncols = _grid(len(present), 2)
+    nrows, ncols = grid_shape(len(present), 2)
     cmap = colormaps["tab10"]
     with rc_context(STYLE):
         fig = Figure(figsize=(8.5 if ncols > 1 else 5.5, 0.8 + 2.9 * nrows), layout="constrained")
@@ -192,7 +192,7 @@ def plot_curves(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: 
             ax.set_title(CURVE_LABELS.get(metric, metric))
             ax.grid(alpha=0.3)
         fields = ["epoch", "val_loss", "acc", "asr", "ra", "lambda_max"]
-        return _finish_grid(fig, axes, len(present), min(4, max(1, len(axes[0].get_legend_handles_labels()[1]))),
+        return finish_grid(fig, axes, len(present), min(4, max(1, len(axes[0].get_legend_handles_labels()[1]))),
                             title, path, ["method", *fields],
                             [(label, *(p.get(f) for f in fields)) for label, pts in series.items() for p in pts])
 
@@ -224,7 +224,7 @@ def plot_tsne(panels: dict[str, Any], labels: Any, poisoned: Any, path: Path, ti
     labels, poisoned = np.asarray(labels), np.asarray(poisoned, dtype=bool)
     if labels.ndim > 1:  # multi-hot targets: colour by the first category present
         labels = labels.reshape(len(labels), -1).argmax(axis=1)
-    nrows, ncols = _grid(len(panels), 4)
+    nrows, ncols = grid_shape(len(panels), 4)
     cmap = colormaps["tab10"]
     with rc_context(STYLE):
         fig = Figure(figsize=(min(MAX_WIDTH_IN, 2.35 * ncols), 0.9 + 2.35 * nrows), layout="constrained")
@@ -242,5 +242,5 @@ def plot_tsne(panels: dict[str, Any], labels: Any, poisoned: Any, path: Path, ti
             ax.set_xticks([])
             ax.set_yticks([])
             rows += [(label, float(a), float(b), int(c), int(p)) for (a, b), c, p in zip(xy, labels, poisoned)]
-        return _finish_grid(fig, axes, len(panels), 2, title, path, ["model", "x", "y", "true_label", "poisoned"],
+        return finish_grid(fig, axes, len(panels), 2, title, path, ["model", "x", "y", "true_label", "poisoned"],
                             rows)
