@@ -241,11 +241,16 @@ def purify(
         from pipeline.own_checkpoint import load_user_model
         from pipeline.scan import save_scan, scan_lines, scan_model
 
+        from smoothpurify.scan import residual, residual_line
+
+        scans = {}
         for label, path in (("received", checkpoint), ("purified", out)):
-            result = scan_model(mod, load_user_model(mod, path, model, num_classes, clean), clean, num_classes,
-                                seed=seed, device=device)
-            save_scan(result, out.parent / f"{out.stem}.scan-{label}", f"{label} model")
-            typer.echo("\n".join(scan_lines(result, f"{label} model")))
+            scans[label] = scan_model(mod, load_user_model(mod, path, model, num_classes, clean), clean, num_classes,
+                                      seed=seed, device=device)
+            save_scan(scans[label], out.parent / f"{out.stem}.scan-{label}", f"{label} model")
+            typer.echo("\n".join(scan_lines(scans[label], f"{label} model")))
+        typer.echo("before and after: " + residual_line(residual(scans["received"], scans["purified"]),
+                                                         scans["purified"].threshold))
 
 
 @app.command("scan")

@@ -264,6 +264,10 @@ class CombinedScan:
     def seconds(self) -> float:
         return sum(r.seconds for r in self.results.values())
 
+    def anomaly_of(self, cls: int) -> float:
+        """Class ``cls``'s largest anomaly index over the families."""
+        return max(r.anomaly[cls] for r in self.results.values())
+
     def risk(self) -> str:
         family, result = self._top()
         return f"{result.risk()} ({family} triggers)" if len(self.results) > 1 else result.risk()
@@ -272,6 +276,35 @@ class CombinedScan:
         return {"families": {k: r.to_record() for k, r in self.results.items()}, "max_anomaly": self.max_anomaly,
                 "suspected": self.suspected, "flagged": self.flagged, "family": self._top()[0],
                 "threshold": self.threshold, "risk": self.risk(), "seconds": round(self.seconds, 3)}
+
+
+def residual(before: Any, after: Any) -> dict[str, Any]:
+    """What the scan of a purified model (``after``) says about the backdoor the scan of the model as
+    received (``before``) found. A backdoor's target is fixed by its training, so where ``before``
+    flagged class ``t`` the question is whether ``t`` is still anomalous (``cleared``: its anomaly is at
+    or under the flag threshold); another class flagged only afterwards is reported as ``new_flag``,
+    a side effect of the purification (a fresh classifier leaves some class easier to reach), not the
+    received backdoor. Where ``before`` flagged nothing there is no class to follow: ``cleared`` is
+    then "the purified model is not flagged either"."""
+    if not before.flagged:
+        return {"tracked": None, "anomaly": after.max_anomaly, "cleared": not after.flagged, "new_flag":
+                after.suspected if after.flagged else None}
+    target = before.suspected
+    anomaly = after.anomaly_of(target)
+    return {"tracked": target, "anomaly": anomaly, "cleared": anomaly <= after.threshold,
+            "new_flag": after.suspected if after.flagged and after.suspected != target else None}
+
+
+def residual_line(res: dict[str, Any], threshold: float) -> str:
+    """:func:`residual` in words."""
+    new = (f"; class {res['new_flag']} is flagged now, which the received model was not: a side effect of the "
+           "purification, not the received backdoor" if res["new_flag"] is not None else "")
+    if res["tracked"] is None:
+        return ("the received model was not flagged, so there is no class to follow; the purified model is "
+                + ("not flagged" if res["cleared"] else f"flagged (largest anomaly {res['anomaly']:.2f})") + new)
+    state = "no longer anomalous" if res["cleared"] else "STILL anomalous: the backdoor is likely still there"
+    return (f"class {res['tracked']}, flagged in the received model, is at anomaly {res['anomaly']:.2f} after "
+            f"purification (flag at {threshold:.2f}): {state}" + new)
 
 
 def family_threshold(threshold: float, families: int) -> float:
