@@ -100,7 +100,7 @@ def test_without_method_the_recommended_method_runs(outside_checkpoint):
     record = json.loads((d / "purified.record.json").read_text())
     assert record["method"] == "recommended" and record["recommended"] is True
     assert record["config"]["reinit_classifier"] and "val_acc_end" in record
-    assert "recommended (= fst-kd" in out.stdout and "clean val. ACC %" in out.stdout
+    assert "recommended (=" in out.stdout and "fst-kd-overlay-light" in out.stdout and "clean val. ACC %" in out.stdout
     assert "clean validation accuracy only" in out.stdout  # and the table is there even without test data
     before = next(line for line in out.stdout.splitlines() if line.startswith("│ before"))
     assert f"{100 * record['val_acc_start']:.2f}" in before

@@ -158,13 +158,21 @@ def test_fst_kd_overlay_is_fst_kd_with_a_stronger_shift_teacher_and_overlays():
     changed = {k for k, v in cfg.model_dump().items() if v != base.model_dump()[k]} - {"name"}
     assert changed <= {"feature_shift_weight", "distill_weight", "overlay_max", "epochs", "lr_step"}
     assert (cfg.feature_shift_weight, cfg.distill_weight, cfg.overlay_max) == (2.0, 2.0, 0.3)
-    assert method_config("recommended").overlay_max == 0
+    assert method_config("fst-kd").overlay_max == 0
 
 
-def test_recommended_is_fst_with_distillation():
+def test_recommended_is_fst_with_distillation_and_a_light_overlay():
     cfg = method_config("recommended")
-    assert cfg.reinit_classifier and cfg.project_classifier_norm and cfg.distill_weight > 0
-    assert cfg.feature_shift_weight == method_config("fst-kd").feature_shift_weight == 1.0
+    assert cfg.reinit_classifier and cfg.project_classifier_norm and cfg.distill_weight == 3.0
+    assert (cfg.feature_shift_weight, cfg.overlay_max, cfg.epochs) == (2.0, 0.15, 100)
+
+
+def test_modalities_without_a_pixel_grid_run_recommended_without_overlays():
+    from modalities.contract import get_modality, method_defaults
+
+    for name in ("translation", "pointcloud"):
+        assert method_defaults(get_modality(name), "recommended")["overlay_max"] == 0.0
+    assert "overlay_max" not in method_defaults(get_modality("image"), "recommended")
 
 
 def test_fst_reinitialises_the_classifier_and_keeps_its_norm():
