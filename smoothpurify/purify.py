@@ -243,6 +243,13 @@ def _reinit_classifier(module: nn.Module, seed: int) -> None:
         module.reset_parameters()
 
 
+def _require_continuous(inputs: Any, what: str, done: str, option: str) -> None:
+    """Mixing inputs (mixup views, overlays) needs one floating-point input tensor."""
+    if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point()):
+        raise SmoothPurifyError(f"{what}, which needs one floating-point input tensor (token or tuple inputs "
+                                f"cannot be {done}); set {option} to 0")
+
+
 def _freeze_batch_norm(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -304,14 +311,11 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         objective.distill_weight, objective.distill_temperature = cfg.distill_weight, cfg.distill_temperature
         objective.teacher = copy.deepcopy(work).eval().requires_grad_(False)
         if cfg.distill_mixup > 0:
-            if not (isinstance(work_inputs, torch.Tensor) and work_inputs.is_floating_point()):
-                raise SmoothPurifyError(f"{cfg.name}: distill_mixup mixes inputs, which needs one floating-point "
-                                        "input tensor (token or tuple inputs cannot be mixed); set it to 0")
+            _require_continuous(work_inputs, f"{cfg.name}: distill_mixup mixes inputs", "mixed", "distill_mixup")
             objective.distill_mixup, objective.generator = cfg.distill_mixup, gen
     if cfg.overlay_max > 0:
-        if not (isinstance(work_inputs, torch.Tensor) and work_inputs.is_floating_point()):
-            raise SmoothPurifyError(f"{cfg.name}: overlay_max lays one input over another, which needs one "
-                                    "floating-point input tensor (token or tuple inputs cannot be overlaid); set it to 0")
+        _require_continuous(work_inputs, f"{cfg.name}: overlay_max lays one input over another", "overlaid",
+                            "overlay_max")
         objective.overlay_max, objective.generator = cfg.overlay_max, gen
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)

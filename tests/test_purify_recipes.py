@@ -107,11 +107,12 @@ def test_mixup_distillation_matches_teacher_and_student_on_the_same_convex_view(
     torch.testing.assert_close(loss, Categorical().nll(model(x), y).mean() + kd)
 
 
-def test_mixup_distillation_refuses_inputs_it_cannot_mix():
+@pytest.mark.parametrize("option, value", [("distill_mixup", 1.0), ("overlay_max", 0.3)])
+def test_mixing_options_refuse_inputs_they_cannot_mix(option, value):
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
     x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
-    cfg = method_config("fst-kd", {"epochs": 1, "distill_mixup": 1.0, "augment": False})
-    with pytest.raises(SmoothPurifyError, match="distill_mixup"):
+    cfg = method_config("fst-kd", {"epochs": 1, option: value, "augment": False})
+    with pytest.raises(SmoothPurifyError, match=option):
         purify(model, x, y, Categorical(), cfg, progress=False)
 
 
@@ -143,14 +144,6 @@ def test_overlay_student_sees_the_overlaid_view_and_the_teacher_the_clean_batch(
     kd = Categorical().distill(model(view), teacher(x), y, 2.0).mean()
     torch.testing.assert_close(loss, Categorical().nll(model(view), y).mean() + 0.5 * kd)
     assert math.isclose(parts["distill"], float(kd.detach()), rel_tol=1e-5)
-
-
-def test_overlay_refuses_inputs_it_cannot_overlay():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
-    x, y = torch.randint(0, 10, (8, 3)), torch.randint(0, 3, (8,))
-    cfg = method_config("fst-kd", {"epochs": 1, "overlay_max": 0.3, "augment": False})
-    with pytest.raises(SmoothPurifyError, match="overlay_max"):
-        purify(model, x, y, Categorical(), cfg, progress=False)
 
 
 def test_fst_kd_overlay_is_fst_kd_with_a_stronger_shift_teacher_and_overlays():
