@@ -90,6 +90,14 @@ class TranslationModality(ClassifierModality):
     # that use it (`recommended` among them) run without it here.
     method_defaults = {name: {"max_grad_norm": 10.0, **({"overlay_max": 0.0} if PRESETS[name].get("overlay_max") else {})}
                        for name in PRESETS}
+    # `recommended` keeps the classifier here, with neither the feature shift nor the teacher, at lr 0.01.
+    # The "classifier" is the vocabulary projection: re-learnt from 300 pairs it made the purified model
+    # fit its own tuning pairs worse than the received one (token accuracy 18.5 -> 14.1 %, a defender
+    # sees that) and cost 8.6 CT BLEU; the distillation teacher, without the fresh head, kept the backdoor
+    # (AT 88-98). Chosen on a second backdoored model (seed 1, other trigger words and sentence), never on
+    # the pipeline's model: README, "Translation".
+    method_defaults["recommended"] = {**method_defaults["recommended"], "reinit_classifier": False,
+                                      "distill_weight": 0.0, "feature_shift_weight": 0.0, "lr": 0.01}
 
     def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
         if len(input_shape) != 2:
