@@ -26,6 +26,9 @@ def test_translation_recommended_keeps_its_vocabulary_projection():
     own = _settings({}, "recommended", "translation")
     assert (own["reinit_classifier"], own["distill_weight"], own["feature_shift_weight"], own["lr"]) == (False, 0.0, 0.0, 0.01)
     assert _settings({}, "recommended", "video")["distill_weight"] == 10.0
+    multilabel = _settings({}, "recommended", "multilabel")
+    assert (multilabel["feature_shift_weight"], multilabel["distill_weight"], multilabel["overlay_max"]) == (1.0, 1.0, 0.0)
+    assert multilabel["epochs"] == 100
     image = _settings({}, "recommended", "image")
     assert image["reinit_classifier"] and image["distill_weight"] > 0 and image["feature_shift_weight"] > 0
 
