@@ -248,6 +248,14 @@ def method_defaults(modality: Any, method: str) -> dict[str, Any]:
     return dict((getattr(modality, "method_defaults", None) or {}).get(method) or {})
 
 
+def presets_without(option: str) -> dict[str, dict[str, float]]:
+    """``method_defaults`` entries that switch ``option`` off (0) in every preset that turns it on: for a
+    modality whose inputs an option cannot handle (overlays on tokens or unordered point clouds)."""
+    from smoothpurify.methods import PRESETS
+
+    return {name: {option: 0.0} for name, preset in PRESETS.items() if preset.get(option)}
+
+
 OPTIONAL_HOOKS = {"trigger_figure": ("data_dir", "attack", "path"), "scan_family": (), "training_loss": None}
 
 MODALITIES = Registry("modality")  # in-process registrations; installed ones come from entry points

@@ -22,7 +22,7 @@ def test_translation_clips_every_tuning_preset_and_params_still_win():
     assert _settings(params, "recommended", "translation")["epochs"] == 3
 
 
-def test_translation_recommended_keeps_its_vocabulary_projection():
+def test_each_modality_s_own_recommended_setting():
     own = _settings({}, "recommended", "translation")
     assert (own["reinit_classifier"], own["distill_weight"], own["feature_shift_weight"], own["lr"]) == (False, 0.0, 0.0, 0.01)
     assert _settings({}, "recommended", "video")["distill_weight"] == 10.0

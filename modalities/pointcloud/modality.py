@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
-from smoothpurify.methods import PRESETS
+from modalities.contract import presets_without
 from modalities.kit import SPLITS, ClassifierModality
 from modalities.pointcloud import data as pcdata
 from modalities.pointcloud.attacks import ATTACKS
@@ -33,7 +33,7 @@ class PointCloudModality(ClassifierModality):
     data_keys = ("dataset", "data_path", "num_points", "val_fraction", "max_train", "max_test", "compose")
     # Overlay consistency blends two inputs element by element; a cloud's points have no order, so
     # averaging the i-th points of two clouds is not an overlay, and the presets run without it here.
-    method_defaults = {name: {"overlay_max": 0.0} for name, preset in PRESETS.items() if preset.get("overlay_max")}
+    method_defaults = presets_without("overlay_max")
     # Offline synthetic primitives, PointNet (the cheaper net), one insertion attack: seconds on a CPU.
     conformance_params = {"dataset": "synthetic", "num_points": 64, "val_fraction": 0.1, "model": "pointnet",
                           "attacks": ["pointba-i"], "attack": {"target_label": 0, "poison_rate": 0.1},

@@ -23,7 +23,7 @@ from smoothpurify.checkpoint import save_checkpoint, write_json
 from smoothpurify.likelihood import Categorical
 from smoothpurify.methods import PRESETS
 from smoothpurify.metrics import Metric
-from modalities.contract import BENIGN
+from modalities.contract import BENIGN, presets_without
 from modalities.kit import SPLITS, ClassifierModality
 from modalities.translation import data as tdata
 from modalities.translation.attacks import ATTACKER_SENTENCE, ATTACKS, TRIGGER_WORDS
@@ -88,8 +88,7 @@ class TranslationModality(ClassifierModality):
     # comparable.
     # Overlay consistency lays one input over another; token ids cannot be overlaid, so the presets
     # that use it (`recommended` among them) run without it here.
-    method_defaults = {name: {"max_grad_norm": 10.0, **({"overlay_max": 0.0} if PRESETS[name].get("overlay_max") else {})}
-                       for name in PRESETS}
+    method_defaults = {name: {"max_grad_norm": 10.0, **presets_without("overlay_max").get(name, {})} for name in PRESETS}
     # `recommended` keeps the classifier here, with neither the feature shift nor the teacher, at lr 0.01.
     # The "classifier" is the vocabulary projection: re-learnt from 300 pairs it made the purified model
     # fit its own tuning pairs worse than the received one (token accuracy 18.5 -> 14.1 %, a defender
