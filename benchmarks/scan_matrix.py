@@ -28,7 +28,8 @@ def to_markdown(store: dict) -> str:
     meta = store["meta"]
     lines = ["# Backdoor scan on the matrix's models (smoke profile)", "",
              f"Neural Cleanse-style scan, {meta['steps']} steps per class, {meta['val_size']} clean validation "
-             f"samples, flag at anomaly > {meta['threshold']:g}, {meta['device']}. Test ASR is measured on poisoned "
+             f"samples, flag at anomaly > {meta['threshold']:g}, {meta['device']}; the margin family (MM-BD): 600 Adam steps "
+             "(lr 0.1) from 16 random inputs per class, no clean input used. Test ASR is measured on poisoned "
              "test data the scan never sees; target class 0 for every attack.", "",
              "| model | family | test ASR | largest anomaly (class) | anomaly of class 0 | flagged | seconds |",
              "|---|---|---|---|---|---|---|"]
@@ -41,25 +42,29 @@ def to_markdown(store: dict) -> str:
                      f"{s['anomaly'][0]:.2f} | {flag} | {s['seconds']:.0f} |")
     from smoothpurify.scan import family_threshold
 
-    z = family_threshold(meta["threshold"], 2)
-    lines += ["", f"Both families together (what `smoothpurify scan` does on images): each family flags at "
-              f"{z:.2f} (the threshold {meta['threshold']:g} corrected for two families, "
-              "`smoothpurify.scan.family_threshold`), the model when either does; the suspect is the flagging "
-              "family's most anomalous class.", "",
-              "| model | test ASR | mask | additive | flagged | suspected |", "|---|---|---|---|---|---|"]
     models: dict[str, dict] = {}
     for s in store["scans"].values():
         models.setdefault(s["model"], {})[s["family"]] = s
-    for name in sorted(models):
-        fams = models[name]
-        if set(fams) != {"mask", "additive"}:
-            continue
-        flagged = [f for f in fams.values() if f["max_anomaly"] > z]
-        top = max(flagged, key=lambda f: f["max_anomaly"]) if flagged else None
-        asr = next(iter(fams.values()))["asr"]
-        lines.append(f"| {name} | {'-' if asr is None else f'{asr:.1%}'} | {fams['mask']['max_anomaly']:.2f} | "
-                     f"{fams['additive']['max_anomaly']:.2f} | {'**yes**' if top else 'no'} | "
-                     f"{max(range(len(top['anomaly'])), key=top['anomaly'].__getitem__) if top else '-'} |")
+    for combo in (("mask", "additive", "margin"), ("mask", "additive")):
+        z = family_threshold(meta["threshold"], len(combo))
+        lines += ["", f"{' + '.join(combo)} together (what `smoothpurify scan` does on images"
+                  f"{' before the margin family' if len(combo) == 2 else ''}): each family flags at {z:.2f} (the "
+                  f"threshold {meta['threshold']:g} corrected for {len(combo)} families, "
+                  "`smoothpurify.scan.family_threshold`), the model when any does; the suspect is the flagging "
+                  "family's most anomalous class.", "",
+                  f"| model | test ASR | {' | '.join(combo)} | flagged | suspected |",
+                  "|---|---|" + "---|" * len(combo) + "---|---|"]
+        for name in sorted(models):
+            fams = models[name]
+            if not set(combo) <= set(fams):
+                continue
+            flagged = [fams[f] for f in combo if fams[f]["max_anomaly"] > z]
+            top = max(flagged, key=lambda f: f["max_anomaly"]) if flagged else None
+            asr = next(iter(fams.values()))["asr"]
+            cells = " | ".join(f"{fams[f]['max_anomaly']:.2f} ({fams[f]['anomaly'].index(fams[f]['max_anomaly'])})"
+                               for f in combo)
+            lines.append(f"| {name} | {'-' if asr is None else f'{asr:.1%}'} | {cells} | {'**yes**' if top else 'no'} | "
+                         f"{top['anomaly'].index(top['max_anomaly']) if top else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,8 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", nargs="*", default=ATTACKS)
     ap.add_argument("--methods", nargs="*", default=["recommended"], help="purified models to scan too")
-    ap.add_argument("--families", nargs="*", default=["mask", "additive"], choices=["mask", "additive"])
+    ap.add_argument("--families", nargs="*", default=["mask", "additive", "margin"],
+                    choices=["mask", "additive", "margin"])
     ap.add_argument("--no-benign", action="store_true")
+    ap.add_argument("--extra-benign", nargs="*", default=[], metavar="NAME=RUN_DIR",
+                    help="more benign models (another seed's run directory; scanned on its own validation split)")
     ap.add_argument("--no-backdoored", action="store_true")
     ap.add_argument("--no-purified", action="store_true", help="--methods only give the ASR before purification")
     ap.add_argument("--steps", type=int, default=120)
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     from modalities.image import ImageModality
     from pipeline.params import load_params
     from pipeline.run import Run
-    from smoothpurify.scan import FLAG_THRESHOLD, Additive, MaskPattern, ScanSettings, scan
+    from smoothpurify.max_margin import MaxMargin
+    from smoothpurify.scan import FLAG_THRESHOLD, Additive, MaskPattern, ScanSettings, scan_families
 
     register_modality("image", ImageModality)
     torch.set_num_threads(args.threads)
@@ -98,8 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     num_classes = int(y.max()) + 1
 
     jobs: list[tuple[str, Path, float | None]] = []
+    data_of: dict[str, Path] = {}
     if not args.no_benign:
         jobs.append(("benign", benign_run.model_dir("benign"), None))
+    for item in args.extra_benign:
+        name, _, run_dir = item.partition("=")
+        extra = Run("image", {**params, "run_dir": run_dir})
+        jobs.append((name, extra.model_dir("benign"), None))
+        data_of[name] = extra.data_dir
     for attack in args.attacks:
         records = {m: json.loads(run.purify_metrics(attack, m).read_text()) for m in args.methods}
         if not args.no_backdoored:  # the ASR before purification, as the purify records measured it
@@ -111,12 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     store = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {"scans": {}}
     store["meta"] = {"steps": args.steps, "val_size": len(y), "threshold": FLAG_THRESHOLD, "device": args.device_label}
-    families = {"mask": MaskPattern, "additive": Additive}
+    families = {"mask": MaskPattern, "additive": Additive, "margin": MaxMargin}
     for name, model_dir, asr in jobs:
         model = mod.load_model(model_dir)[0]
+        xs, ys = mod.load_split(data_of[name], "val") if name in data_of else (x, y)
         for fam in args.families:
             t0 = time.perf_counter()
-            result = scan(model, x, y, num_classes, families[fam](), ScanSettings(steps=args.steps), progress=False)
+            # one family at a time, at the single-family threshold; the combined table corrects for three
+            result = scan_families(model, xs, ys, num_classes, {fam: families[fam]()}, ScanSettings(steps=args.steps),
+                                   progress=False).results[fam]
             store["scans"][f"{name} | {fam}"] = {"model": name, "family": fam, "asr": asr, **result.to_record()}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(json.dumps(store, indent=2, sort_keys=True) + "\n")

@@ -160,7 +160,8 @@ class Modality(Protocol):
     * ``trigger_figure(data_dir, attack, path) -> (png_path, caption)``: a picture of a clean and a
       triggered input for the report (point clouds, video frames);
     * ``scan_family() -> smoothpurify.scan.TriggerFamily``: the trigger the backdoor scan searches
-      (default: mask and pattern for ``[..., C, H, W]`` inputs, else a universal additive perturbation);
+      (default: mask and pattern for ``[..., C, H, W]`` inputs, else a universal additive perturbation;
+      MM-BD's maximum-margin statistic is searched beside it in every case);
     * ``training_loss(...)``: the per-sample training loss where it is not the likelihood's NLL
       (multi-label's asymmetric loss).
 

@@ -261,16 +261,18 @@ def scan_command(
     clean_data: Path = typer.Option(..., help="clean data, as for `purify` (no poisoned data is needed)"),
     out_dir: Path = typer.Option(Path("scan"), help="where scan.json and triggers.png go"),
     normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects"),
-    steps: int = typer.Option(120, help="optimisation steps per class"),
-    families: Optional[str] = typer.Option(None, help="comma-separated trigger families to search (images: mask, "
-                                                      "additive; default: all of the modality's)"),
+    steps: int = typer.Option(120, help="optimisation steps per class of the trigger searches"),
+    margin_steps: int = typer.Option(600, help="Adam steps per class of the maximum-margin statistic"),
+    families: Optional[str] = typer.Option(None, help="comma-separated families to search (images: mask, "
+                                                      "additive, margin; default: all of the modality's)"),
     modality: str = ModalityOpt,
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0),
 ) -> None:
     """Does this model hold a backdoor, and to which class? From the model and clean data alone
     (Neural Cleanse: the smallest trigger per class, as a mask and pattern and as an additive
-    perturbation; a class needing a much smaller one than the others is flagged)."""
+    perturbation; MM-BD: the largest logit margin any input reaches per class; a class needing a much
+    smaller trigger, or reaching a much larger margin, than the others is flagged)."""
     from pipeline.own_checkpoint import check_device, load_user_model
     from pipeline.scan import save_scan, scan_lines, scan_model
     from smoothpurify.scan import ScanSettings
@@ -278,11 +280,14 @@ def scan_command(
     check_device(device)
     if steps < 10:
         raise SmoothPurifyError("--steps must be at least 10 (the trigger cost is adapted every 10 steps)")
+    if margin_steps < 1:
+        raise SmoothPurifyError("--margin-steps must be at least 1")
     mod = _modality(modality)
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
     net = load_user_model(mod, checkpoint, model, num_classes, clean)
     try:
-        result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps), seed=seed, device=device,
+        result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps, margin_steps=margin_steps),
+                            seed=seed, device=device,
                             families=[f.strip() for f in families.split(",")] if families else None)
     except ValueError as err:
         raise SmoothPurifyError(f"--families: {err}") from None

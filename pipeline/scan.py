@@ -4,6 +4,8 @@ The trigger families come from the modality (``Modality.scan_family()``, optiona
 without it, inputs shaped like images or clips (``[..., C, H, W]``) are searched with two: Neural
 Cleanse's mask and pattern (a patch: BadNets, Trojan, a warp's local edits) and a universal additive
 perturbation (a whole-image blend or signal: Blend, SIG), and anything else with the additive one.
+Every continuous input also gets MM-BD's maximum-margin statistic (``margin``), which assumes no
+trigger shape (an input-specific trigger, a warp) and uses only the clean inputs' range.
 ``scan_model`` is what ``smoothpurify scan``, ``purify --scan`` and ``--method auto`` run; it writes
 ``scan.json`` and a figure of the synthesised triggers per family.
 """
@@ -22,6 +24,7 @@ from pipeline.params import file_hash, fingerprint
 from pipeline.run import Run
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import atomic_write, write_json
+from smoothpurify.max_margin import MaxMargin
 from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
                                scan_families)
 
@@ -29,8 +32,9 @@ from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, 
 def trigger_families(mod: Modality, example: torch.Tensor) -> dict[str, TriggerFamily]:
     own = getattr(mod, "scan_family", None)
     if own is not None:
-        return {"own": own()}
-    return {"mask": MaskPattern(), "additive": Additive()} if example.dim() >= 3 else {"additive": Additive()}
+        return {"own": own(), "margin": MaxMargin()}
+    shaped = {"mask": MaskPattern(), "additive": Additive()} if example.dim() >= 3 else {"additive": Additive()}
+    return {**shaped, "margin": MaxMargin()}
 
 
 def scan_model(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *,
@@ -89,7 +93,9 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
         img = pic.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
         size = result.triggers[t].size
-        ax.set_title(f"class {t}\n" + (f"size {size:.3g}, A {result.anomaly[t]:.1f}" if math.isfinite(size)
+        # the margin family's "size" is 1 / margin and its picture the input that reached it
+        what = f"margin {1 / size:.3g}" if "input" in result.triggers[t].picture else f"size {size:.3g}"
+        ax.set_title(f"class {t}\n" + (f"{what}, A {result.anomaly[t]:.1f}" if math.isfinite(size)
                                        else "not reached"), fontsize=9,
                      color="red" if t == result.suspected else "black")
         if t == result.suspected:
@@ -119,14 +125,18 @@ def scan_lines(result: CombinedScan, label: str) -> list[str]:
 
 
 def scan_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml's ``scan`` section with its defaults: ``enabled`` (false), ``steps`` (120),
-    ``families`` (null: all of the modality's)."""
-    section = {"enabled": False, "steps": 120, "families": None, **(params.get("scan") or {})}
-    unknown = sorted(set(section) - {"enabled", "steps", "families"})
+    """params.yaml's ``scan`` section with its defaults: ``enabled`` (false), ``steps`` (120, the trigger
+    searches), ``margin_steps`` (600, the maximum-margin statistic), ``families`` (null: all of the
+    modality's)."""
+    keys = ("enabled", "steps", "margin_steps", "families")
+    section = {"enabled": False, "steps": 120, "margin_steps": 600, "families": None, **(params.get("scan") or {})}
+    unknown = sorted(set(section) - set(keys))
     if unknown:
-        raise SmoothPurifyError(f"params scan: unknown key(s) {', '.join(unknown)} (enabled, steps, families)")
+        raise SmoothPurifyError(f"params scan: unknown key(s) {', '.join(unknown)} ({', '.join(keys)})")
     if int(section["steps"]) < 10:
         raise SmoothPurifyError("params scan.steps must be at least 10 (the trigger cost is adapted every 10 steps)")
+    if int(section["margin_steps"]) < 1:
+        raise SmoothPurifyError("params scan.margin_steps must be at least 1")
     return section
 
 
@@ -156,7 +166,8 @@ def scan_stage(modality: str, params: dict[str, Any], attack: str, model_name: s
         write_json(path, record)
         return record
     result = scan_model(mod, model, (x, y), int(run.data_meta().get("num_classes") or int(y.max()) + 1),
-                        settings=ScanSettings(steps=int(settings["steps"])), seed=run.seed, device=run.device,
+                        settings=ScanSettings(steps=int(settings["steps"]), margin_steps=int(settings["margin_steps"])),
+                        seed=run.seed, device=run.device,
                         progress=progress, families=settings["families"])
     slug = path.stem[len(attack) + 1:]  # backdoored | purified-<method>
     record = save_scan(result, run.root / "scan" / attack / slug, f"{attack}, {model_name}")

@@ -24,7 +24,8 @@ one mask over the last two axes, shared by channels and frames: images, video); 
 universal additive perturbation with its L2 norm as the size (point clouds, embeddings, and on images
 the whole-image triggers a small mask cannot express: a blended pattern, a sinusoid). Nothing here
 knows a modality; the pipeline picks the families. :func:`scan_families` runs several and flags a
-class when any family does (:class:`CombinedScan`).
+class when any family does (:class:`CombinedScan`); a family may bring its own search instead of a
+trigger (``family.scan(...)``: the maximum-margin statistic of :mod:`smoothpurify.max_margin`).
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ class ScanSettings:
     success: float = 0.95       # share of inputs sent to t for a trigger to count (paper: 0.99)
     adapt_every: int = 10       # steps between lambda updates
     threshold: float = FLAG_THRESHOLD
+    margin_steps: int = 600     # Adam steps per class of the maximum-margin statistic (smoothpurify.max_margin)
 
 
 @dataclass
@@ -324,5 +326,12 @@ def scan_families(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         raise SmoothPurifyError("scan: no trigger family to search")
     settings = settings or ScanSettings()
     settings = dataclasses.replace(settings, threshold=family_threshold(settings.threshold, len(families)))
-    return CombinedScan({name: scan(model, inputs, targets, num_classes, family, settings, seed=seed, device=device,
-                                    progress=progress) for name, family in families.items()})
+    results = {}
+    for name, family in families.items():
+        # A family with its own search (a class statistic, not a trigger: MM-BD's maximum margin) runs it.
+        own = getattr(family, "scan", None)
+        results[name] = (own(model, inputs, targets, num_classes, settings, seed=seed, device=device,
+                             progress=progress) if callable(own) else
+                         scan(model, inputs, targets, num_classes, family, settings, seed=seed, device=device,
+                              progress=progress))
+    return CombinedScan(results)
