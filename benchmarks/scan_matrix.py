@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-backdoored", action="store_true")
     ap.add_argument("--no-purified", action="store_true", help="--methods only give the ASR before purification")
     ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0, help="the scan's seed (batches, random starts); records of "
+                                                        "another seed than 0 are keyed '<model> (scan seed N)'")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs-bench-matrix"))
     ap.add_argument("--benign-dir", default=str(ROOT / "runs"))
@@ -134,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             # one family at a time, at the single-family threshold; the combined table corrects for three
             result = scan_families(model, xs, ys, num_classes, {fam: families[fam]()}, ScanSettings(steps=args.steps),
-                                   progress=False).results[fam]
-            store["scans"][f"{name} | {fam}"] = {"model": name, "family": fam, "asr": asr, **result.to_record()}
+                                   seed=args.seed, progress=False).results[fam]
+            label = name if args.seed == 0 else f"{name} (scan seed {args.seed})"
+            store["scans"][f"{label} | {fam}"] = {"model": label, "family": fam, "asr": asr, **result.to_record()}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(json.dumps(store, indent=2, sort_keys=True) + "\n")
             out.with_suffix(".md").write_text(to_markdown(store))
