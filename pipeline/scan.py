@@ -93,9 +93,7 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
         img = pic.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
         size = result.triggers[t].size
-        # the margin family's "size" is 1 / margin and its picture the input that reached it
-        what = f"margin {1 / size:.3g}" if "input" in result.triggers[t].picture else f"size {size:.3g}"
-        ax.set_title(f"class {t}\n" + (f"{what}, A {result.anomaly[t]:.1f}" if math.isfinite(size)
+        ax.set_title(f"class {t}\n" + (f"{result.value_label(t)}, A {result.anomaly[t]:.1f}" if math.isfinite(size)
                                        else "not reached"), fontsize=9,
                      color="red" if t == result.suspected else "black")
         if t == result.suspected:

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smoothpurify.model import call_model
-from smoothpurify.scan import ClassTrigger, ScanResult, ScanSettings, anomaly_index
+from smoothpurify.scan import ClassTrigger, ScanResult, ScanSettings, frozen
 
 
 def margin(logits: torch.Tensor, target: int) -> torch.Tensor:
@@ -46,13 +46,14 @@ class MarginResult(ScanResult):
         margins = [1 / t.size if math.isfinite(t.size) else None for t in self.triggers]
         return {**super().to_record(), "margins": margins}
 
+    def value_label(self, cls: int) -> str:
+        return f"margin {1 / self.triggers[cls].size:.3g}"
+
 
 @dataclass
 class MaxMargin:
-    """MM-BD's statistic per class. ``steps`` of Adam (``lr`` on the unconstrained ``u``; default: the scan
-    settings' ``margin_steps``, 600) from ``starts`` random inputs; the largest margin any start reached
-    is the class's statistic."""
-    steps: int | None = None
+    """MM-BD's statistic per class. The scan settings' ``margin_steps`` of Adam (``lr`` on the unconstrained
+    ``u``) from ``starts`` random inputs; the largest margin any start reached is the class's statistic."""
     starts: int = 16
     lr: float = 0.1
 
@@ -82,20 +83,11 @@ class MaxMargin:
         if not float(hi) > float(lo):
             hi = lo + 1.0  # constant clean inputs: search the unit box above them
         gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.requires_grad_(False)
         triggers = []
-        try:
+        with frozen(model):
             for t in tqdm(range(num_classes), desc="scan: margins", disable=None if progress else True, leave=False):
-                r, x = self.class_margin(model, lo, hi, tuple(inputs.shape[1:]), t, gen,
-                                         self.steps or settings.margin_steps)
+                r, x = self.class_margin(model, lo, hi, tuple(inputs.shape[1:]), t, gen, settings.margin_steps)
                 size = 1.0 / r if r > 0 else math.inf
                 picture = {"input": x, "trigger": (x - lo.cpu()) / (hi - lo).cpu()}
                 triggers.append(ClassTrigger(t, size, 1.0 if r > 0 else 0.0, picture))
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
-        anomaly = anomaly_index([t.size for t in triggers])
-        top = max(range(num_classes), key=anomaly.__getitem__)
-        suspected = top if anomaly[top] > settings.threshold else None
-        return MarginResult(triggers, anomaly, suspected, settings.threshold, time.perf_counter() - t0)
+        return MarginResult.judged(triggers, settings.threshold, time.perf_counter() - t0)

@@ -29,12 +29,13 @@ trigger (``family.scan(...)``: the maximum-margin statistic of :mod:`smoothpurif
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -132,6 +133,17 @@ class ScanResult:
     threshold: float
     seconds: float = 0.0
 
+    @classmethod
+    def judged(cls, triggers: list[ClassTrigger], threshold: float, seconds: float) -> ScanResult:
+        """The result of ``triggers``: their anomaly indices, and the most anomalous class if over ``threshold``."""
+        anomaly = anomaly_index([t.size for t in triggers])
+        top = max(range(len(triggers)), key=anomaly.__getitem__)
+        return cls(triggers, anomaly, top if anomaly[top] > threshold else None, threshold, seconds)
+
+    def value_label(self, cls: int) -> str:
+        """Class ``cls``'s scanned value in words (a figure's caption)."""
+        return f"size {self.triggers[cls].size:.3g}"
+
     @property
     def flagged(self) -> bool:
         return self.suspected is not None
@@ -220,20 +232,24 @@ def scan(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_clas
     t0 = time.perf_counter()
     model = model.to(device).eval()
     inputs, targets = inputs.to(device), targets.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    with frozen(model):
+        triggers = [reverse_engineer(model, inputs, targets, t, family, settings, gen)
+                    for t in tqdm(range(num_classes), desc="scan: classes", disable=None if progress else True,
+                                  leave=False)]
+    return ScanResult.judged(triggers, settings.threshold, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """The model's parameters without gradients while a scan optimises inputs; trainable again after."""
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    triggers = []
     try:
-        for t in tqdm(range(num_classes), desc="scan: classes", disable=None if progress else True, leave=False):
-            triggers.append(reverse_engineer(model, inputs, targets, t, family, settings, gen))
+        yield model
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
-    anomaly = anomaly_index([t.size for t in triggers])
-    top = max(range(num_classes), key=anomaly.__getitem__)
-    suspected = top if anomaly[top] > settings.threshold else None
-    return ScanResult(triggers, anomaly, suspected, settings.threshold, time.perf_counter() - t0)
 
 
 @dataclass

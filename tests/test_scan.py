@@ -179,8 +179,8 @@ def test_max_margin_finds_the_class_a_backdoor_can_push_furthest_and_clears_the_
     the maximising input, and no start beats it by much (the ascent converged)."""
     from smoothpurify.max_margin import MaxMargin, margin
 
-    fam = MaxMargin(steps=200, starts=8, lr=0.1)
-    settings = ScanSettings()
+    fam = MaxMargin(starts=8, lr=0.1)
+    settings = ScanSettings(margin_steps=200)
     for model, target in ((PlantedBackdoor(True), 3), (BlendBackdoor(True), 5), (PlantedBackdoor(False), None)):
         x, y = _clean_data(model.inner if isinstance(model, BlendBackdoor) else model)
         result = fam.scan(model, x, y, 10, settings, progress=False)
