@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from smoothpurify.accel import full_precision
 from smoothpurify.fisher import batch_statistics
 from smoothpurify.likelihood import Likelihood
 from smoothpurify.model import call_model
@@ -111,40 +112,44 @@ class Objective:
         return 1.0 if n_term == 0 else min(1.0, norm(g_nll) / n_term)
 
     def __call__(self, model: nn.Module, params: dict[str, torch.Tensor], inputs: Any,
-                 targets: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss for this step, and its parts (floats) for the record."""
+                 targets: torch.Tensor, step: int, runner: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Total loss for this step, and its parts for the record (detached tensors, so that reading
+        them waits for the device only when the loop chooses; ``trace_scale`` is a float).
+
+        Under autocast the NLL and the other terms follow it; the Fisher trace runs in float32 (:func:`full_precision`)."""
         clean = inputs
         if self.overlay_max > 0:
             inputs = self.overlay_view(inputs)
-        outputs = call_model(model, inputs)
+        forward = runner if runner is not None else model   # a torch.compile wrapper of model, or model
+        outputs = call_model(forward, inputs)
         nll = (self.likelihood.smoothed_nll(outputs, targets, self.label_smoothing) if self.label_smoothing
                else self.likelihood.nll(outputs, targets)).mean()
-        total, parts = nll, {"nll": float(nll.detach())}
+        total, parts = nll, {"nll": nll.detach()}
         if self.trace_weight > 0 and step % self.trace_every == 0:
-            with batch_statistics(model, inputs):
+            with batch_statistics(model, inputs), full_precision(targets.device.type):
                 trace = self.trace_fn(model, inputs, targets, self.likelihood, params)
             weight = self.trace_weight
             if self.trace_step_bound:
                 weight = weight * self._trace_scale(nll, weight * trace, params)
                 parts["trace_scale"] = weight / self.trace_weight
             total = total + weight * trace
-            parts["trace_f"] = float(trace.detach())
+            parts["trace_f"] = trace.detach()
         if self.anchor_weight > 0:
             penalty = anchor_penalty(params, self.fisher_diag, self.anchor)
             total = total + 0.5 * self.anchor_weight * penalty
-            parts["anchor"] = float(penalty.detach())
+            parts["anchor"] = penalty.detach()
         if self.distill_weight > 0:
             view, student_out = clean, outputs
             if self.distill_mixup > 0:
                 view = self.mixup_view(inputs)
-                student_out = call_model(model, view)
+                student_out = call_model(forward, view)
             with torch.no_grad():
                 teacher_out = call_model(self.teacher, view)
             kd = self.likelihood.distill(student_out, teacher_out, targets, self.distill_temperature).mean()
             total = total + self.distill_weight * kd
-            parts["distill"] = float(kd.detach())
+            parts["distill"] = kd.detach()
         if self.shift_weight > 0:
             shift = torch.stack([(params[n] * ref).sum() for n, ref in self.shift_reference.items()]).sum()
             total = total + self.shift_weight * shift
-            parts["shift"] = float(shift.detach())
+            parts["shift"] = shift.detach()
         return total, parts

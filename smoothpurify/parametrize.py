@@ -115,6 +115,13 @@ class SpectralShift(nn.Module):
         if self.record is not None:
             self.record.append((layer, h))
         b, spatial = h.shape[0], h.shape[2:]
+        if groups == 1 and nd == 2 and h.is_contiguous(memory_format=torch.channels_last) and \
+                not h.is_contiguous():
+            # channels_last (the GPU path): channels are the fastest dimension, so the product over
+            # channels is one (batch x positions, r) @ (r, out) matmul on views, and z comes out
+            # channels_last too; the NCHW product below would first copy h.
+            z = (h.permute(0, 2, 3, 1) @ u.transpose(0, 1)).permute(0, 3, 1, 2)
+            return z if layer.bias is None else z + layer.bias.reshape(-1, 1, 1)
         z = u.reshape(groups, out // groups, rank) @ h.reshape(b, groups, rank, -1)
         z = z.reshape(b, out, *spatial)
         return z if layer.bias is None else z + layer.bias.reshape(-1, *([1] * nd))

@@ -9,6 +9,7 @@ poisoned data: ``evaluate`` is for reporting only and never steers the run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
+from smoothpurify.accel import Accel, FiniteGuard, full_precision, resolve_accel
 from smoothpurify.fisher import fisher_diagonal, fisher_trace, per_sample_grads
 from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
 from smoothpurify.likelihood import Likelihood
@@ -48,8 +50,8 @@ def _batches(inputs: Any, targets: torch.Tensor, batch_size: int):
 
 @torch.no_grad()
 def _mean_nll(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, bs: int) -> float:
-    total = sum(float(likelihood.nll(call_model(model, x), y).sum()) for x, y in _batches(inputs, targets, bs))
-    return total / len(targets)
+    total = sum(likelihood.nll(call_model(model, x), y).sum().double() for x, y in _batches(inputs, targets, bs))
+    return float(total) / len(targets)
 
 
 def diverged(start: float, end: float) -> bool:
@@ -132,6 +134,19 @@ def _fuses_trace(cfg: MethodConfig, objective: Objective) -> bool:
             and not cfg.feature_shift_weight and not cfg.overlay_max)
 
 
+def _floats(parts: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in parts.items()}
+
+
+def _mean(values: list[torch.Tensor | float]) -> float:
+    """Mean of one term's per-step values: floats summed in order (the reference path's numbers),
+    device tensors summed in float64 on the device and read once."""
+    floats = [v for v in values if not isinstance(v, torch.Tensor)]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    total = sum(floats, 0.0) + (float(torch.stack(tensors).double().sum()) if tensors else 0.0)
+    return total / len(values)
+
+
 def _norm(grads: Iterable[torch.Tensor]) -> float:
     return float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
 
@@ -141,19 +156,21 @@ class _BatchClosure:
     the objective, checks it is finite, backpropagates (and clips). ``curvature(opt)`` hands a
     natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier).
     With ``fused`` (a one-element list, set to False once the model turns out not to allow it),
-    f-SFT's trace steps go through :meth:`_fused_trace_step`."""
+    f-SFT's trace steps go through :meth:`_fused_trace_step`. ``runner`` is what computes the
+    NLL's forward (``model`` itself, or its ``torch.compile`` wrapper); ``guard`` checks the loss
+    is finite (at once, or deferred to the epoch's end on a GPU)."""
 
     def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
-                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, fused: list[bool] | None = None):
+                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, fused: list[bool] | None = None,
+                 guard: FiniteGuard | None = None, runner: nn.Module | None = None):
         self.opt, self.objective, self.model, self.params = opt, objective, model, params
         self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
-        self.fused = fused
-        self.parts: dict[str, float] = {}
+        self.fused, self.runner = fused, runner
+        self.guard = guard or FiniteGuard(False, cfg.name, f"lower the learning rate (now {cfg.lr})")
+        self.parts: dict[str, torch.Tensor | float] = {}
 
     def _check(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise SmoothPurifyError(f"{self.cfg.name}: loss became {loss.item()} at {self.where}; "
-                                    f"lower the learning rate (now {self.cfg.lr})")
+        self.guard.check(loss, self.where)
 
     def __call__(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
@@ -163,7 +180,7 @@ class _BatchClosure:
             if loss is not None:
                 return loss
             self.fused[0] = False
-        loss, self.parts = obj(self.model, self.params, self.x, self.y, self.step)
+        loss, self.parts = obj(self.model, self.params, self.x, self.y, self.step, runner=self.runner)
         self._check(loss)
         loss.backward()
         if self.cfg.max_grad_norm is not None:
@@ -176,18 +193,19 @@ class _BatchClosure:
         pass (:func:`spectral_trace_step`) instead of five forward/backward passes; ``None`` if the
         model does not allow it."""
         obj, params = self.objective, self.params
-        out = spectral_trace_step(self.model, self.x, self.y, obj.likelihood, params)
+        with full_precision(self.y.device.type):
+            out = spectral_trace_step(self.model, self.x, self.y, obj.likelihood, params)
         if out is None:
             return None
         nll, trace, g_nll, g_trace = out
         weight = obj.trace_weight
-        parts = {"nll": float(nll.detach())}
+        parts: dict[str, torch.Tensor | float] = {"nll": nll.detach()}
         if obj.trace_step_bound:  # Objective._trace_scale on the gradients at hand
             n_term = _norm(weight * g for g in g_trace.values())
             weight = weight * (1.0 if n_term == 0 else min(1.0, _norm(g_nll.values()) / n_term))
             parts["trace_scale"] = weight / obj.trace_weight
         total = nll.detach() + weight * trace.detach()
-        parts["trace_f"] = float(trace.detach())
+        parts["trace_f"] = trace.detach()
         grads = {n: g_nll[n] + weight * g_trace[n] for n in params}
         if obj.anchor_weight > 0:
             penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
@@ -197,7 +215,7 @@ class _BatchClosure:
                 if g is not None:
                     grads[n] = grads[n] + g
             total = total + scaled.detach()
-            parts["anchor"] = float(penalty.detach())
+            parts["anchor"] = penalty.detach()
         self._check(total)
         for n, p in params.items():
             p.grad = grads[n]
@@ -207,6 +225,10 @@ class _BatchClosure:
         return total
 
     def curvature(self, opt: NaturalGradient) -> None:
+        with full_precision(self.y.device.type):
+            self._curvature(opt)
+
+    def _curvature(self, opt: NaturalGradient) -> None:
         likelihood, x, y = self.objective.likelihood, self.x, self.y
         if opt.solvers[0] == "exact":
             grads = per_sample_grads(self.model, x, y, likelihood, self.params)
@@ -258,14 +280,21 @@ def _freeze_batch_norm(model: nn.Module) -> None:
 
 def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, config: MethodConfig,
            *, classifier: str | None = None, seed: int = 0, device: str = "cpu", evaluate: Evaluate | None = None,
-           eval_every: int | None = None, progress: bool = True, augment: Augment | None = None) -> PurifyResult:
+           eval_every: int | None = None, progress: bool = True, augment: Augment | None = None,
+           precision: str = "auto", compile: bool = False) -> PurifyResult:
     """Purify a copy of ``model`` with ``config``; ``inputs, targets`` is the clean validation set.
 
     ``augment(x, generator)`` is the modality's training-time augmentation, applied to each batch
     when ``config.augment`` (not on cached features: they are the backbone's outputs).
+    ``precision`` and ``compile`` choose the device's speed-ups (:mod:`smoothpurify.accel`; on a
+    CPU ``"auto"`` is the reference path). The classifier alone (``last_layer``) and the natural
+    gradient always run in float32: there is nothing to gain and the solve needs it.
     """
     cfg = config
     _check_data(targets)
+    acc = resolve_accel(precision, device, compile=compile)
+    if cfg.parametrization == "last_layer" or cfg.optimizer == "natural_gradient":
+        acc = dataclasses.replace(acc, autocast=None, compile=False)
     batch_size = cfg.batch_size or len(targets)
     t0 = time.perf_counter()
     uses_head = cfg.reinit_classifier or cfg.feature_shift_weight > 0 or cfg.project_classifier_norm
@@ -274,9 +303,10 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                                 "need the classifier's weight itself (parametrization full or last_layer)")
     tuned = prepare(model.to(device), cfg.parametrization, classifier=classifier, tune_bias=cfg.tune_bias,
                     tune_norm=cfg.tune_norm)
+    acc.model(tuned.model)
     head = tuned.model.get_submodule(classifier_name(tuned.model, classifier)) if uses_head else None
     head_orig = head.weight.detach().clone() if head is not None else None
-    inputs, targets = to_device(inputs, device), targets.to(device)
+    inputs, targets = acc.inputs(to_device(inputs, device)), targets.to(device)
     work, work_inputs = tuned.model, inputs
     cached = cfg.parametrization == "last_layer" and cfg.cache_features
     if cached:
@@ -329,6 +359,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
              if cfg.lr_step else None)
     head_norm = float(head_orig.norm()) if cfg.project_classifier_norm else None
     fused = [True] if _fuses_trace(cfg, objective) else None
+    guard = FiniteGuard(acc.defer_checks, cfg.name, f"lower the learning rate (now {cfg.lr})")
+    runner = acc.callable(work)
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
     val_loss, curves, parts, part_sums = [], [], {}, []
     steps_total = cfg.iterations or cfg.epochs * math.ceil(n / batch_size)
@@ -341,23 +373,29 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         tuned.train()
         if cfg.bn_mode == "eval":
             _freeze_batch_norm(tuned.model)
-        for idx in order:
-            x, y = index_inputs(work_inputs, idx.to(targets.device)), targets[idx.to(targets.device)]
+        sizes = [len(idx) for idx in order]  # one transfer of the epoch's indices, not one per step
+        for idx in torch.cat(order).to(targets.device).split(sizes):
+            x, y = index_inputs(work_inputs, idx), targets[idx]
             if do_augment:
-                x = augment(x, gen)
+                x = acc.inputs(augment(x, gen))
             closure = _BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
-                                    fused)
-            opt.step(closure)
-            parts = closure.parts
+                                    fused, guard, runner)
+            with acc.autocast_context():
+                opt.step(closure)
+            parts = closure.parts if acc.defer_checks else _floats(closure.parts)
             if head_norm is not None:
                 with torch.no_grad():  # FST's constraint ||W_c|| = ||W_c^orig||, by projection
                     head.weight.mul_(head_norm / head.weight.norm().clamp_min(1e-12))
             step += 1
             for key, value in parts.items():
-                total, count = part_sums[-1].get(key, (0.0, 0))
-                part_sums[-1][key] = (total + value, count + 1)
+                part_sums[-1].setdefault(key, []).append(value)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in parts.items()})
+            if not acc.defer_checks:
+                bar.set_postfix(epoch=epoch, **{k: f"{float(v):.3g}" for k, v in parts.items()})
+        guard.flush()
+        part_sums[-1] = {k: _mean(v) for k, v in part_sums[-1].items()}  # one look at the device per epoch
+        if acc.defer_checks:
+            bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in part_sums[-1].items()})
         if sched is not None:
             sched.step()
         tuned.eval()
@@ -370,15 +408,19 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     tuning_seconds = time.perf_counter() - t1 - eval_seconds
     tuned.eval()
     merged = tuned.merge().eval()
+    if acc.channels_last:  # the caller gets the default memory order (safetensors stores contiguous tensors)
+        merged.to(memory_format=torch.contiguous_format)
     record: dict[str, Any] = {
         "method": cfg.name, "recommended": cfg.name == "recommended", "config": cfg.model_dump(), "seed": seed,
         "steps": step,
         "tuned_parameters": int(sum(p.numel() for p in params.values())),
         "seconds": {"setup": round(setup_seconds, 3), "tuning": round(tuning_seconds, 3),
                     "total": round(setup_seconds + tuning_seconds, 3)},
-        "val_loss_start": val_loss_start, "val_loss": val_loss, "last_step": parts,
+        "val_loss_start": val_loss_start, "val_loss": val_loss, "last_step": _floats(parts),
         # each objective term's mean over the steps of each epoch that computed it
-        "terms_per_epoch": [{k: t / c for k, (t, c) in sums.items()} for sums in part_sums],
+        "terms_per_epoch": part_sums,
+        "accel": {"precision": precision, "autocast": str(acc.autocast).removeprefix("torch.") if acc.autocast else None,
+                  "channels_last": acc.channels_last, "compile": acc.compile},
         "diverged": diverged(val_loss_start, val_loss[-1]),
     }
     if record["diverged"]:

@@ -101,6 +101,25 @@ def test_factored_forward_and_gradients_equal_the_parametrization(factor_everyth
     assert clone.c1.forward.__self__ is clone.c1
 
 
+def test_factored_forward_in_channels_last_order_equals_the_parametrization(factor_everything):
+    """The GPU path's memory order: the product over channels as one matmul on NHWC views gives
+    the same outputs and gradients, and keeps the activations channels_last."""
+    x, y = data()
+    ref, new = shifted(net(), False), shifted(net(), True)
+    new.model.to(memory_format=torch.channels_last)
+    for t in (ref, new):
+        t.train()
+    out_ref = ref.model(x)
+    out_new = new.model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_new, out_ref, rtol=1e-12, atol=1e-12)
+    h = new.model.c1(x.contiguous(memory_format=torch.channels_last))
+    assert h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    g_ref = torch.autograd.grad(CE.nll(out_ref, y).mean(), list(ref.named_tuned().values()))
+    g_new = torch.autograd.grad(CE.nll(out_new, y).mean(), list(new.named_tuned().values()))
+    for a, b in zip(g_ref, g_new):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 def test_factoring_rule_skips_layers_where_it_costs_more():
     tuned = prepare(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3)), "spectral")
     assert not runs_factored(tuned.model[0]) and runs_factored(tuned.model[1])
