@@ -6,8 +6,8 @@
 
 Modes: ``before`` calls ``purify`` without the speed-up options (run it with an older package on
 PYTHONPATH to time the code before them), ``ref`` the reference path forced on the device (float32,
-a device sync at every step), ``fp32`` deferred checks + channels_last, ``auto`` the default
-(bfloat16 autocast on top). ``--compile M`` also times method M with ``torch.compile`` (auto).
+a device sync at every step), ``fp32`` / ``auto`` (the default) deferred checks + channels_last,
+``bf16`` bfloat16 autocast on top. ``--compile M`` also times method M with ``torch.compile`` (auto).
 Each purification runs at the profile's settings (100 epochs), with the modality's augmentation,
 after one untimed warm-up; ASR / ACC are measured on the test set for every run, so a speed-up
 that changed the result shows. ``--profile-methods`` adds a torch.profiler table (3 epochs) of
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--modes", nargs="+", default=["fp32", "auto"], choices=["before", "ref", "fp32", "auto"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "auto"], choices=["before", "ref", "fp32", "auto", "bf16"])
     ap.add_argument("--compile", nargs="*", default=[], help="methods also timed with torch.compile (auto)")
     ap.add_argument("--budget", type=float, default=240, help="seconds after which compiled runs are skipped")
     ap.add_argument("--profile-methods", nargs="*", default=[])

@@ -62,8 +62,9 @@ def test_auto_is_the_reference_path_on_a_cpu_and_the_fast_one_on_cuda():
     assert resolve_accel("auto", "cpu") == REFERENCE
     assert resolve_accel("fp32", "cpu") == REFERENCE
     gpu = resolve_accel("auto", "cuda:0")
-    assert gpu.autocast is torch.bfloat16 and gpu.channels_last and gpu.defer_checks and not gpu.compile
-    assert resolve_accel("fp32", "cuda").autocast is None
+    assert gpu.autocast is None and gpu.channels_last and gpu.defer_checks and not gpu.compile
+    assert resolve_accel("fp32", "cuda") == gpu
+    assert resolve_accel("bf16", "cuda").autocast is torch.bfloat16
     assert resolve_accel("bf16", "cpu").autocast is torch.bfloat16
     with pytest.raises(SmoothPurifyError, match="precision 'half'"):
         resolve_accel("half", "cpu")

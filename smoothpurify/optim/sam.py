@@ -51,14 +51,21 @@ class SAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 
+    def _with_grads(self, group: dict) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
     @torch.no_grad()
     def _grad_norm(self) -> torch.Tensor:
+        # Multi-tensor (foreach) ops: a handful of kernel launches per step instead of several per
+        # parameter, which is what a small model's step costs on a GPU; elementwise, same numbers.
         norms = []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    scaled = p.grad * p.abs() if group["adaptive"] else p.grad
-                    norms.append(torch.linalg.vector_norm(scaled))
+            params = self._with_grads(group)
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if group["adaptive"] else grads
+            norms.extend(torch._foreach_norm(scaled))
         if not norms:
             raise RuntimeError("SAM.first_step() needs gradients: call backward() first")
         # Norms may live on different devices (model parallel); gather them where the first one is.
@@ -69,15 +76,16 @@ class SAM(Optimizer):
         """Move every parameter to ``w + e(w)``, remembering ``w``."""
         norm = self._grad_norm()
         for group in self.param_groups:
+            params = self._with_grads(group)
+            if not params:
+                continue
             scale = group["rho"] / (norm + _EPS)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                e = p.grad * scale.to(p.device)
-                if group["adaptive"]:
-                    e = e * p.pow(2)
-                self.state[p]["sam_w"] = p.detach().clone()
-                p.add_(e)
+            e = torch._foreach_mul([p.grad for p in params], scale.to(params[0].device))
+            if group["adaptive"]:
+                torch._foreach_mul_(e, torch._foreach_mul(params, params))
+            for p, w in zip(params, torch._foreach_mul(params, 1.0)):  # exact copies of w
+                self.state[p]["sam_w"] = w
+            torch._foreach_add_(params, e)
         if zero_grad:
             self.zero_grad()
 
@@ -85,10 +93,9 @@ class SAM(Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``w`` and let the base optimizer step with the gradient taken at ``w + e``."""
         for group in self.param_groups:
-            for p in group["params"]:
-                saved = self.state[p].pop("sam_w", None)
-                if saved is not None:
-                    p.copy_(saved)
+            pairs = [(p, self.state[p].pop("sam_w")) for p in group["params"] if "sam_w" in self.state[p]]
+            if pairs:
+                torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
