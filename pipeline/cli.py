@@ -183,6 +183,8 @@ def purify(
                                                 "method's setting); off where a shift changes the label"),
     modality: str = ModalityOpt,
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    precision: str = typer.Option("auto", help="auto (GPU: channels_last, deferred checks; CPU: unchanged), fp32, "
+                                               "or bf16 (autocast; pays on large inputs, README 'The fast GPU path')"),
     seed: int = typer.Option(0),
     keep_diverged: bool = typer.Option(False, help="write the model even when the method diverged or destroyed "
                                                    "clean accuracy (it is then not a purified model)"),
@@ -198,11 +200,14 @@ def purify(
 
     check_out(out, checkpoint)  # before any data is read: nothing runs for an output that cannot be written
     check_device(device)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SmoothPurifyError(f"--precision {precision!r}: choose auto, fp32 or bf16")
     mod = _modality(modality)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("augment", augment)) if v is not None}
 
     def modality_runner(name: str, given: dict | None):  # the modality's own preset settings, then the options
-        return make_runner(name, {**method_defaults(mod, name), **(given or {})} if name in PRESETS else {})
+        return make_runner(name, {**method_defaults(mod, name), **(given or {})} if name in PRESETS else {},
+                           precision=precision)
 
     if method != "auto":
         _, runner = modality_runner(method, overrides)

@@ -118,11 +118,13 @@ def method_runner(params: dict[str, Any], method: str, modality: str | None = No
     """``(settings, run)`` for ``method`` with params.yaml's settings.
 
     Tuning-loop presets get ``purify.common`` then ``purify.overrides.<method>``; baseline defenses
-    have their own settings, so only ``purify.overrides.<method>`` applies to them.
+    have their own settings, so only ``purify.overrides.<method>`` applies to them. ``purify.precision``
+    (auto | fp32 | bf16, default auto) picks the device's speed-ups (smoothpurify.accel).
     """
     section = params.get("purify", {}) or {}
     own = ((section.get("overrides") or {}).get(method)) or {}
-    return make_runner(method, method_overrides(params, method, modality) if method in PRESETS else own)
+    return make_runner(method, method_overrides(params, method, modality) if method in PRESETS else own,
+                       precision=section.get("precision") or "auto")
 
 
 def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,

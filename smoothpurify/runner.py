@@ -20,15 +20,18 @@ def method_names() -> list[str]:
     return [*PRESETS, *defense_names()]
 
 
-def make_runner(method: str, overrides: dict[str, Any] | None = None):
+def make_runner(method: str, overrides: dict[str, Any] | None = None, precision: str = "auto"):
     """``(settings, run)`` for a tuning-loop preset or a baseline defense (:mod:`smoothpurify.defenses`).
 
     ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way; ``kw`` are
     the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...).
+    ``precision`` (:mod:`smoothpurify.accel`) applies to the tuning loop; the baseline defenses run
+    their own loops in float32.
     """
     if method in PRESETS:
         cfg = method_config(method, overrides)
-        return cfg.model_dump(), guarded(lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg, **kw))
+        return cfg.model_dump(), guarded(lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg,
+                                                                                   precision=precision, **kw))
     if method not in defense_names():
         raise SmoothPurifyError(f"unknown purification method {method!r}; choose one of: "
                                 f"{', '.join(list(PRESETS) + defense_names())}")

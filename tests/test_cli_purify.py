@@ -75,6 +75,7 @@ def test_purify_own_checkpoint(outside_checkpoint):
     (["--method", "magic"], "unknown purification method 'magic'"),
     (["--clean-data", "nowhere"], "data path not found"),
     (["--normalize", "abc"], "--normalize"),
+    (["--precision", "half"], "--precision 'half': choose auto, fp32 or bf16"),
 ])
 def test_clear_one_line_errors(outside_checkpoint, args, msg):
     d = outside_checkpoint
