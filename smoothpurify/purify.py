@@ -14,24 +14,25 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.accel import Accel, FiniteGuard, full_precision, resolve_accel
-from smoothpurify.fisher import fisher_diagonal, fisher_trace, per_sample_grads
-from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
+from smoothpurify.accel import FiniteGuard, resolve_accel
+from smoothpurify.fisher import fisher_diagonal, fisher_trace
+from smoothpurify.spectral_trace import spectral_fisher_trace
 from smoothpurify.likelihood import Likelihood
 from smoothpurify.metrics import model_accuracy
 from smoothpurify.methods import MethodConfig
 from smoothpurify.model import call_model, classifier_name, penultimate_features
-from smoothpurify.objective import Objective, anchor_penalty
-from smoothpurify.optim import NaturalGradient, make_optimizer
+from smoothpurify.objective import Objective
+from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
+from smoothpurify.tuning_step import BatchClosure, floats, fuses_trace, mean_of
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 Augment = Callable[[Any, torch.Generator], Any]
@@ -117,128 +118,6 @@ def _make_optimizer(cfg: MethodConfig, params: dict[str, torch.Tensor]) -> torch
         return make_optimizer("sam", values, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               rho=cfg.sam_rho, adaptive=cfg.sam_adaptive)
     return make_optimizer("natural_gradient", values, lr=cfg.lr, damping=cfg.damping, momentum=cfg.momentum)
-
-
-# f-SFT's trace steps through spectral_trace.spectral_trace_step (one forward instead of three passes,
-# _BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
-FUSED_SPECTRAL_TRACE = True
-
-
-def _fuses_trace(cfg: MethodConfig, objective: Objective) -> bool:
-    """f-SFT's objective is NLL + eta_F Tr(F) + eta_r / 2 L_r; the fused step computes exactly
-    that (other terms, a smoothed NLL or an optimizer that is more than "step along .grad" go
-    through the Objective)."""
-    return (FUSED_SPECTRAL_TRACE and cfg.parametrization == "spectral" and cfg.fast_trace
-            and objective.trace_fn is spectral_fisher_trace and objective.trace_weight > 0
-            and cfg.optimizer in ("sgd", "adam") and not cfg.label_smoothing and not cfg.distill_weight
-            and not cfg.feature_shift_weight and not cfg.overlay_max)
-
-
-def _floats(parts: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in parts.items()}
-
-
-def _mean(values: list[torch.Tensor | float]) -> float:
-    """Mean of one term's per-step values: floats summed in order (the reference path's numbers),
-    device tensors summed in float64 on the device and read once."""
-    floats = [v for v in values if not isinstance(v, torch.Tensor)]
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    total = sum(floats, 0.0) + (float(torch.stack(tensors).double().sum()) if tensors else 0.0)
-    return total / len(values)
-
-
-def _norm(grads: Iterable[torch.Tensor]) -> float:
-    return float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
-
-
-class _BatchClosure:
-    """The loss of this step's batch for ``optimizer.step(closure)``: clears the gradients, evaluates
-    the objective, checks it is finite, backpropagates (and clips). ``curvature(opt)`` hands a
-    natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier).
-    With ``fused`` (a one-element list, set to False once the model turns out not to allow it),
-    f-SFT's trace steps go through :meth:`_fused_trace_step`. ``runner`` is what computes the
-    NLL's forward (``model`` itself, or its ``torch.compile`` wrapper); ``guard`` checks the loss
-    is finite (at once, or deferred to the epoch's end on a GPU)."""
-
-    def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
-                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, fused: list[bool] | None = None,
-                 guard: FiniteGuard | None = None, runner: nn.Module | None = None):
-        self.opt, self.objective, self.model, self.params = opt, objective, model, params
-        self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
-        self.fused, self.runner = fused, runner
-        self.guard = guard or FiniteGuard(False, cfg.name, f"lower the learning rate (now {cfg.lr})")
-        self.parts: dict[str, torch.Tensor | float] = {}
-
-    def _check(self, loss: torch.Tensor) -> None:
-        self.guard.check(loss, self.where)
-
-    def __call__(self) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        obj = self.objective
-        if self.fused and self.fused[0] and self.step % obj.trace_every == 0:
-            loss = self._fused_trace_step()
-            if loss is not None:
-                return loss
-            self.fused[0] = False
-        loss, self.parts = obj(self.model, self.params, self.x, self.y, self.step, runner=self.runner)
-        self._check(loss)
-        loss.backward()
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
-        return loss
-
-    def _fused_trace_step(self) -> torch.Tensor | None:
-        """What ``Objective.__call__`` and ``backward()`` compute on a trace step (same parts, same
-        step bound, same gradient), with the NLL, the trace and their gradients from one ghost-norm
-        pass (:func:`spectral_trace_step`) instead of five forward/backward passes; ``None`` if the
-        model does not allow it."""
-        obj, params = self.objective, self.params
-        with full_precision(self.y.device.type):
-            out = spectral_trace_step(self.model, self.x, self.y, obj.likelihood, params)
-        if out is None:
-            return None
-        nll, trace, g_nll, g_trace = out
-        weight = obj.trace_weight
-        parts: dict[str, torch.Tensor | float] = {"nll": nll.detach()}
-        if obj.trace_step_bound:  # Objective._trace_scale on the gradients at hand
-            n_term = _norm(weight * g for g in g_trace.values())
-            weight = weight * (1.0 if n_term == 0 else min(1.0, _norm(g_nll.values()) / n_term))
-            parts["trace_scale"] = weight / obj.trace_weight
-        total = nll.detach() + weight * trace.detach()
-        parts["trace_f"] = trace.detach()
-        grads = {n: g_nll[n] + weight * g_trace[n] for n in params}
-        if obj.anchor_weight > 0:
-            penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
-            scaled = 0.5 * obj.anchor_weight * penalty
-            for (n, p), g in zip(params.items(), torch.autograd.grad(scaled, list(params.values()),
-                                                                       allow_unused=True)):
-                if g is not None:
-                    grads[n] = grads[n] + g
-            total = total + scaled.detach()
-            parts["anchor"] = penalty.detach()
-        self._check(total)
-        for n, p in params.items():
-            p.grad = grads[n]
-        if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), self.cfg.max_grad_norm)
-        self.parts = parts
-        return total
-
-    def curvature(self, opt: NaturalGradient) -> None:
-        with full_precision(self.y.device.type):
-            self._curvature(opt)
-
-    def _curvature(self, opt: NaturalGradient) -> None:
-        likelihood, x, y = self.objective.likelihood, self.x, self.y
-        if opt.solvers[0] == "exact":
-            grads = per_sample_grads(self.model, x, y, likelihood, self.params)
-            opt.update_fisher([grads[n] for n in self.params])
-            return
-        if not isinstance(self.model, nn.Linear):
-            raise SmoothPurifyError("K-FAC natural gradient needs a linear classifier on cached features")
-        z = self.model(x).detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(likelihood.nll(z, y).sum(), z)  # per-sample dl_j/dz_j
-        opt.update_kfac(x.reshape(len(y), -1), g, has_bias=self.model.bias is not None)
 
 
 def _epochs(cfg: MethodConfig, n: int, batch_size: int, gen: torch.Generator):
@@ -358,7 +237,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     sched = (torch.optim.lr_scheduler.StepLR(base_opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
              if cfg.lr_step else None)
     head_norm = float(head_orig.norm()) if cfg.project_classifier_norm else None
-    fused = [True] if _fuses_trace(cfg, objective) else None
+    fused = [True] if fuses_trace(cfg, objective) else None
     guard = FiniteGuard(acc.defer_checks, cfg.name, f"lower the learning rate (now {cfg.lr})")
     runner = acc.callable(work)
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
@@ -378,11 +257,11 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             x, y = index_inputs(work_inputs, idx), targets[idx]
             if do_augment:
                 x = acc.inputs(augment(x, gen))
-            closure = _BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
+            closure = BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
                                     fused, guard, runner)
             with acc.autocast_context():
                 opt.step(closure)
-            parts = closure.parts if acc.defer_checks else _floats(closure.parts)
+            parts = closure.parts if acc.defer_checks else floats(closure.parts)
             if head_norm is not None:
                 with torch.no_grad():  # FST's constraint ||W_c|| = ||W_c^orig||, by projection
                     head.weight.mul_(head_norm / head.weight.norm().clamp_min(1e-12))
@@ -393,7 +272,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             if not acc.defer_checks:
                 bar.set_postfix(epoch=epoch, **{k: f"{float(v):.3g}" for k, v in parts.items()})
         guard.flush()
-        part_sums[-1] = {k: _mean(v) for k, v in part_sums[-1].items()}  # one look at the device per epoch
+        part_sums[-1] = {k: mean_of(v) for k, v in part_sums[-1].items()}  # one look at the device per epoch
         if acc.defer_checks:
             bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in part_sums[-1].items()})
         if sched is not None:
@@ -416,7 +295,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         "tuned_parameters": int(sum(p.numel() for p in params.values())),
         "seconds": {"setup": round(setup_seconds, 3), "tuning": round(tuning_seconds, 3),
                     "total": round(setup_seconds + tuning_seconds, 3)},
-        "val_loss_start": val_loss_start, "val_loss": val_loss, "last_step": _floats(parts),
+        "val_loss_start": val_loss_start, "val_loss": val_loss, "last_step": floats(parts),
         # each objective term's mean over the steps of each epoch that computed it
         "terms_per_epoch": part_sums,
         "accel": {"precision": precision, "autocast": str(acc.autocast).removeprefix("torch.") if acc.autocast else None,

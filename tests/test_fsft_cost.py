@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smoothpurify.parametrize as PA
-import smoothpurify.purify as PU
+import smoothpurify.tuning_step as TS
 from smoothpurify.fisher import fisher_trace
 from smoothpurify.spectral_trace import spectral_trace_step
 from smoothpurify.likelihood import Categorical
@@ -156,7 +156,7 @@ def test_one_pass_trace_step_declines_batch_statistics_and_dropout():
 
 
 def run(model, x, y, new: bool, monkeypatch, **overrides):
-    monkeypatch.setattr(PU, "FUSED_SPECTRAL_TRACE", new)
+    monkeypatch.setattr(TS, "FUSED_SPECTRAL_TRACE", new)
     monkeypatch.setattr(PA, "FACTORED", new)
     cfg = method_config("fsft", {"epochs": 3, "batch_size": 8, "trace_every": 2, "lr_step": 2, **overrides})
     return purify(model, x, y, CE, cfg, seed=3, progress=False)

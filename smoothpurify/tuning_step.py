@@ -1,0 +1,144 @@
+"""One step of the tuning loop: the closure ``optimizer.step(closure)`` evaluates, and f-SFT's fused
+trace step.
+
+:class:`BatchClosure` clears the gradients, evaluates the objective on this step's batch, checks the
+loss is finite (at once, or deferred to the epoch's end on a GPU: :class:`~smoothpurify.accel.FiniteGuard`)
+and backpropagates; on f-SFT's trace steps it can take the NLL, the trace and both gradients from one
+ghost-norm pass (:func:`~smoothpurify.spectral_trace.spectral_trace_step`). ``curvature(opt)`` hands a
+natural-gradient optimizer the batch's Fisher.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.accel import FiniteGuard, full_precision
+from smoothpurify.fisher import per_sample_grads
+from smoothpurify.methods import MethodConfig
+from smoothpurify.objective import Objective, anchor_penalty
+from smoothpurify.optim import NaturalGradient
+from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
+
+# f-SFT's trace steps through spectral_trace.spectral_trace_step (one forward instead of three passes,
+# _BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
+FUSED_SPECTRAL_TRACE = True
+
+
+def fuses_trace(cfg: MethodConfig, objective: Objective) -> bool:
+    """f-SFT's objective is NLL + eta_F Tr(F) + eta_r / 2 L_r; the fused step computes exactly
+    that (other terms, a smoothed NLL or an optimizer that is more than "step along .grad" go
+    through the Objective)."""
+    return (FUSED_SPECTRAL_TRACE and cfg.parametrization == "spectral" and cfg.fast_trace
+            and objective.trace_fn is spectral_fisher_trace and objective.trace_weight > 0
+            and cfg.optimizer in ("sgd", "adam") and not cfg.label_smoothing and not cfg.distill_weight
+            and not cfg.feature_shift_weight and not cfg.overlay_max)
+
+
+def floats(parts: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in parts.items()}
+
+
+def mean_of(values: list[torch.Tensor | float]) -> float:
+    """Mean of one term's per-step values: floats summed in order (the reference path's numbers),
+    device tensors summed in float64 on the device and read once."""
+    floats = [v for v in values if not isinstance(v, torch.Tensor)]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    total = sum(floats, 0.0) + (float(torch.stack(tensors).double().sum()) if tensors else 0.0)
+    return total / len(values)
+
+
+def _norm(grads: Iterable[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
+
+
+class BatchClosure:
+    """The loss of this step's batch for ``optimizer.step(closure)``: clears the gradients, evaluates
+    the objective, checks it is finite, backpropagates (and clips). ``curvature(opt)`` hands a
+    natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier).
+    With ``fused`` (a one-element list, set to False once the model turns out not to allow it),
+    f-SFT's trace steps go through :meth:`_fused_trace_step`. ``runner`` is what computes the
+    NLL's forward (``model`` itself, or its ``torch.compile`` wrapper); ``guard`` checks the loss
+    is finite (at once, or deferred to the epoch's end on a GPU)."""
+
+    def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
+                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, fused: list[bool] | None = None,
+                 guard: FiniteGuard | None = None, runner: nn.Module | None = None):
+        self.opt, self.objective, self.model, self.params = opt, objective, model, params
+        self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
+        self.fused, self.runner = fused, runner
+        self.guard = guard or FiniteGuard(False, cfg.name, f"lower the learning rate (now {cfg.lr})")
+        self.parts: dict[str, torch.Tensor | float] = {}
+
+    def _check(self, loss: torch.Tensor) -> None:
+        self.guard.check(loss, self.where)
+
+    def __call__(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        obj = self.objective
+        if self.fused and self.fused[0] and self.step % obj.trace_every == 0:
+            loss = self._fused_trace_step()
+            if loss is not None:
+                return loss
+            self.fused[0] = False
+        loss, self.parts = obj(self.model, self.params, self.x, self.y, self.step, runner=self.runner)
+        self._check(loss)
+        loss.backward()
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
+        return loss
+
+    def _fused_trace_step(self) -> torch.Tensor | None:
+        """What ``Objective.__call__`` and ``backward()`` compute on a trace step (same parts, same
+        step bound, same gradient), with the NLL, the trace and their gradients from one ghost-norm
+        pass (:func:`spectral_trace_step`) instead of five forward/backward passes; ``None`` if the
+        model does not allow it."""
+        obj, params = self.objective, self.params
+        with full_precision(self.y.device.type):
+            out = spectral_trace_step(self.model, self.x, self.y, obj.likelihood, params)
+        if out is None:
+            return None
+        nll, trace, g_nll, g_trace = out
+        weight = obj.trace_weight
+        parts: dict[str, torch.Tensor | float] = {"nll": nll.detach()}
+        if obj.trace_step_bound:  # Objective._trace_scale on the gradients at hand
+            n_term = _norm(weight * g for g in g_trace.values())
+            weight = weight * (1.0 if n_term == 0 else min(1.0, _norm(g_nll.values()) / n_term))
+            parts["trace_scale"] = weight / obj.trace_weight
+        total = nll.detach() + weight * trace.detach()
+        parts["trace_f"] = trace.detach()
+        grads = {n: g_nll[n] + weight * g_trace[n] for n in params}
+        if obj.anchor_weight > 0:
+            penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
+            scaled = 0.5 * obj.anchor_weight * penalty
+            for (n, p), g in zip(params.items(), torch.autograd.grad(scaled, list(params.values()),
+                                                                       allow_unused=True)):
+                if g is not None:
+                    grads[n] = grads[n] + g
+            total = total + scaled.detach()
+            parts["anchor"] = penalty.detach()
+        self._check(total)
+        for n, p in params.items():
+            p.grad = grads[n]
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), self.cfg.max_grad_norm)
+        self.parts = parts
+        return total
+
+    def curvature(self, opt: NaturalGradient) -> None:
+        with full_precision(self.y.device.type):
+            self._curvature(opt)
+
+    def _curvature(self, opt: NaturalGradient) -> None:
+        likelihood, x, y = self.objective.likelihood, self.x, self.y
+        if opt.solvers[0] == "exact":
+            grads = per_sample_grads(self.model, x, y, likelihood, self.params)
+            opt.update_fisher([grads[n] for n in self.params])
+            return
+        if not isinstance(self.model, nn.Linear):
+            raise SmoothPurifyError("K-FAC natural gradient needs a linear classifier on cached features")
+        z = self.model(x).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(likelihood.nll(z, y).sum(), z)  # per-sample dl_j/dz_j
+        opt.update_kfac(x.reshape(len(y), -1), g, has_bias=self.model.bias is not None)
