@@ -243,6 +243,41 @@ def test_sam_second_gradient_at_perturbed_point(adaptive):
     assert "sam_w" not in opt.state[w]
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_perturbs_several_tensors_by_one_global_norm(adaptive):
+    """The multi-tensor path: e is scaled by the norm over every tensor with a gradient (both groups),
+    a parameter without a gradient stays where it is, and every tensor comes back to w."""
+    g = torch.Generator().manual_seed(0)
+    ws = [nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)),
+          nn.Parameter(torch.randn(2, 2, generator=g, dtype=torch.float64)),
+          nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))]
+    frozen = nn.Parameter(torch.randn(2, generator=g, dtype=torch.float64))
+    w0 = [w.detach().clone() for w in ws]
+    coef = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in ws]
+    loss_fn = lambda: sum((c * w ** 3).sum() for c, w in zip(coef, ws))  # noqa: E731
+    opt = SAM([{"params": ws[:2]}, {"params": [ws[2], frozen], "rho": 0.3}], torch.optim.SGD, rho=0.3,
+              adaptive=adaptive, lr=0.0)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        seen.append([w.detach().clone() for w in ws])
+        return loss
+
+    opt.step(closure)
+    grads = [3 * c * w ** 2 for c, w in zip(coef, w0)]
+    scaled = [w.abs() * gr if adaptive else gr for w, gr in zip(w0, grads)]
+    norm = torch.sqrt(sum((s ** 2).sum() for s in scaled))
+    for w, gr, at in zip(w0, grads, seen[1]):
+        e = 0.3 * (w ** 2 if adaptive else 1) * gr / norm
+        torch.testing.assert_close(at, w + e)
+    for w, start in zip(ws, w0):  # lr 0: back at w exactly
+        assert torch.equal(w.detach(), start)
+    assert frozen.grad is None and all("sam_w" not in opt.state[w] for w in ws)
+
+
 def test_sam_step_without_initial_gradient_and_with_adam():
     _, _, w, loss_fn = _quadratic()
     opt = make_optimizer("sam", [w], base="adam", rho=0.05, lr=0.01)

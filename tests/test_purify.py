@@ -179,3 +179,23 @@ def test_fsft_and_ngf_lower_asr_on_a_backdoored_tiny_model(tiny_params, method):
     assert record["before"]["asr"] >= 0.9
     assert record["after"]["asr"] < record["before"]["asr"] - 0.2, record["after"]
     assert record["after"]["acc"] >= record["before"]["acc"] - 0.1
+
+
+def test_anchor_penalty_is_the_fisher_weighted_distance_and_its_gradient():
+    """L_r = sum_i F_i (theta_i - thetabar_i)^2 over every anchored tensor (a tensor without an anchor is
+    left out), by brute force over scalars; dL_r/dtheta = 2 F (theta - thetabar)."""
+    from smoothpurify.objective import anchor_penalty
+
+    g = torch.Generator().manual_seed(0)
+    params = {n: torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+              for n, shape in (("a", (3,)), ("b", (2, 4)), ("free", (5,)))}
+    anchor = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items() if n != "free"}
+    fisher = {n: torch.rand(a.shape, generator=g, dtype=torch.float64) for n, a in anchor.items()}
+    value = anchor_penalty(params, fisher, anchor)
+    brute = sum(float(fisher[n].flatten()[i]) * (float(params[n].flatten()[i]) - float(anchor[n].flatten()[i])) ** 2
+                for n in anchor for i in range(anchor[n].numel()))
+    assert float(value) == pytest.approx(brute, rel=1e-12)
+    value.backward()
+    for n in anchor:
+        torch.testing.assert_close(params[n].grad, 2 * fisher[n] * (params[n] - anchor[n]).detach())
+    assert params["free"].grad is None
