@@ -147,3 +147,19 @@ def test_training_on_the_gpu_path_matches_and_returns_a_contiguous_model(monkeyp
     bad[0] = float("nan")
     with pytest.raises(SmoothPurifyError, match="loss became nan at epoch 1"):
         train(SmallCNN(), bad, y, Categorical(), epochs=1, lr=0.05, batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize("precision,autocast", [(None, None), ("bf16", "bfloat16")])
+def test_params_precision_reaches_the_tuning_loop(precision, autocast):
+    """params.yaml's ``purify.precision`` (default auto) is what the pipeline's runner purifies with;
+    a wrong value fails when the runner is made, before any work."""
+    from pipeline.stages import method_runner
+
+    params = {"purify": {"common": {"epochs": 1, "batch_size": 16}, **({"precision": precision} if precision else {})}}
+    _, run_method = method_runner(params, "ft")
+    x, y = data()
+    result = run_method(SmallCNN(), x, y, Categorical(), progress=False)
+    assert result.record["accel"]["autocast"] == autocast
+    assert result.record["accel"]["precision"] == (precision or "auto")
+    with pytest.raises(SmoothPurifyError, match="precision 'half'"):
+        method_runner({"purify": {"precision": "half"}}, "ft")
