@@ -192,7 +192,7 @@ def test_anchor_penalty_is_the_fisher_weighted_distance_and_its_gradient():
     anchor = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items() if n != "free"}
     fisher = {n: torch.rand(a.shape, generator=g, dtype=torch.float64) for n, a in anchor.items()}
     value = anchor_penalty(params, fisher, anchor)
-    brute = sum(float(fisher[n].flatten()[i]) * (float(params[n].flatten()[i]) - float(anchor[n].flatten()[i])) ** 2
+    brute = sum(float(fisher[n].flatten()[i]) * (float(params[n].detach().flatten()[i]) - float(anchor[n].flatten()[i])) ** 2
                 for n in anchor for i in range(anchor[n].numel()))
     assert float(value) == pytest.approx(brute, rel=1e-12)
     value.backward()
