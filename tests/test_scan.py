@@ -231,3 +231,6 @@ def test_the_largest_anomaly_of_ten_normal_classes_often_exceeds_the_flag():
     largest = torch.tensor([max(anomaly_index(row.tolist())) for row in draws])
     assert 0.30 < float((largest > 2.0).double().mean()) < 0.37
     assert 0.18 < float((largest > family_threshold(2.0, 3)).double().mean()) < 0.24
+    # and the thresholds that would flag at most 5 % of clean models: ~3.9 (one family), ~5.3 (three)
+    assert 3.6 < float(largest.quantile(0.95)) < 4.2
+    assert 4.8 < float(largest.quantile(1 - 0.05 / 3)) < 5.9
