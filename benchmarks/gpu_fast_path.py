@@ -33,8 +33,8 @@ METHODS = ("ft", "ft-sam", "sft", "fsft", "ngf")
 def _setup(args):
     import torch
 
-    import pipeline
-    from modalities.contract import get_modality, register_modality
+    from benchmarks.purification_cost import load_setup
+    from modalities.contract import register_modality
     from modalities.image import ImageModality
     from pipeline.params import deep_merge, load_params
 
@@ -42,22 +42,11 @@ def _setup(args):
     params = deep_merge(load_params(args.params, args.profile), parse_set(args.set))
     params["run_dir"] = args.run_dir
     link_cache(Path(args.run_dir))
-    pipeline.prepare("image", params)
     t0 = time.perf_counter()
-    pipeline.train_attack("image", params, args.attack, progress=False)
+    mod, model, x, y, evaluate = load_setup(params, args.attack, progress=False)
     print(f"model ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    mod = get_modality("image")
-    root = pipeline.run_root(params, "image")
-    model, _ = mod.load_model(root / "models" / args.attack)
-    trigger = mod.load_attack(root / "models" / args.attack, mod.data_meta(root / "data"))
-    x, y = mod.load_split(root / "data", "val")
-    device = params["image"].get("device", "cpu")
-
-    def evaluate(m):
-        return mod.evaluate(m.to(device), root / "data", trigger, device=device)
-
     torch.set_num_threads(args.threads)
-    return params, mod, model, x, y, evaluate, device
+    return params, mod, model, x, y, evaluate, params["image"].get("device", "cpu")
 
 
 def _purify_kwargs(mode: str) -> dict:

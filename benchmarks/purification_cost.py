@@ -33,15 +33,19 @@ from smoothpurify.purify import purify
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_setup(params: dict, attack: str):
+def load_setup(params: dict, attack: str, progress: bool = True):
+    """The image run folder of ``params`` (prepared and trained if missing): the modality, the
+    ``attack`` model, the clean validation split and ``evaluate(model)`` on the test set, all on
+    ``image.device``."""
     pipeline.prepare("image", params)
-    pipeline.train_attack("image", params, attack)
+    pipeline.train_attack("image", params, attack, progress=progress)
     mod = get_modality("image")
     root = pipeline.run_root(params, "image")
     model, _ = mod.load_model(root / "models" / attack)
     trigger = mod.load_attack(root / "models" / attack, mod.data_meta(root / "data"))
     x, y = mod.load_split(root / "data", "val")
-    return mod, model, x, y, lambda m: mod.evaluate(m, root / "data", trigger)
+    device = params["image"].get("device", "cpu")
+    return mod, model, x, y, lambda m: mod.evaluate(m.to(device), root / "data", trigger, device=device)
 
 
 def per_epoch_costs(mod, model, x, y, params: dict, methods: list[str], epochs: int) -> dict[str, float]:

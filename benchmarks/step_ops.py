@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for method in args.methods:
         counts = count_steps(args.model, method)
-        every = method_config(method).trace_every if method_config(method).trace_weight > 0 else None
+        cfg = method_config(method)
+        every = cfg.trace_every if cfg.trace_weight > 0 else None
         plain, trace = counts[1], counts[0] if every else None
         total = lambda c: sum(c.values())  # noqa: E731
         kernels = lambda c: sum(v for k, v in c.items() if k not in VIEWS)  # noqa: E731
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
              "| method | plain step | of which not views | trace step | mean per step | / ft-sam |",
              "|---|---|---|---|---|---|"]
     for m, r in rows.items():
+        ratio = f"{r['mean_per_step'] / ref:.2f}" if ref else "-"
         lines.append(f"| {m} | {r['plain_step']} | {r['plain_step_non_view']} | {r['trace_step'] or '-'} | "
-                     f"{r['mean_per_step']:.0f} | {r['mean_per_step'] / ref:.2f} |" if ref else "")
+                     f"{r['mean_per_step']:.0f} | {ratio} |")
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
     print("\n".join(lines))

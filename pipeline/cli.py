@@ -200,8 +200,9 @@ def purify(
 
     check_out(out, checkpoint)  # before any data is read: nothing runs for an output that cannot be written
     check_device(device)
-    if precision not in ("auto", "fp32", "bf16"):
-        raise SmoothPurifyError(f"--precision {precision!r}: choose auto, fp32 or bf16")
+    from smoothpurify.accel import PRECISIONS
+    if precision not in PRECISIONS:
+        raise SmoothPurifyError(f"--precision {precision!r}: choose {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
     mod = _modality(modality)
     overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("augment", augment)) if v is not None}
 

@@ -71,10 +71,15 @@ class Accel:
 REFERENCE = Accel()
 
 
-def resolve_accel(precision: str, device: str | torch.device, *, compile: bool = False) -> Accel:
-    """The :class:`Accel` for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise SmoothPurifyError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def resolve_accel(precision: str, device: str | torch.device, *, compile: bool = False) -> Accel:
+    """The :class:`Accel` for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+    check_precision(precision)
     device_type = torch.device(device).type
     cuda = device_type == "cuda"
     if precision == "bf16" and not cuda and device_type != "cpu":

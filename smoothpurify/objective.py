@@ -116,7 +116,8 @@ class Objective:
         return 1.0 if n_term == 0 else min(1.0, norm(g_nll) / n_term)
 
     def __call__(self, model: nn.Module, params: dict[str, torch.Tensor], inputs: Any,
-                 targets: torch.Tensor, step: int, runner: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+                 targets: torch.Tensor, step: int,
+                 runner: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Total loss for this step, and its parts for the record (detached tensors, so that reading
         them waits for the device only when the loop chooses; ``trace_scale`` is a float).
 

@@ -258,7 +258,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             if do_augment:
                 x = acc.inputs(augment(x, gen))
             closure = BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
-                                    fused, guard, runner)
+                                   guard, fused, runner)
             with acc.autocast_context():
                 opt.step(closure)
             parts = closure.parts if acc.defer_checks else floats(closure.parts)
@@ -270,7 +270,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                 part_sums[-1].setdefault(key, []).append(value)
             bar.update(1)
             if not acc.defer_checks:
-                bar.set_postfix(epoch=epoch, **{k: f"{float(v):.3g}" for k, v in parts.items()})
+                bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in parts.items()})
         guard.flush()
         part_sums[-1] = {k: mean_of(v) for k, v in part_sums[-1].items()}  # one look at the device per epoch
         if acc.defer_checks:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.accel import PRECISIONS
+from smoothpurify.accel import check_precision
 from smoothpurify.defenses import defense_names, get_defense
 from smoothpurify.methods import PRESETS, method_config
 from smoothpurify.purify import guarded, purify
@@ -29,8 +29,7 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None, precision:
     ``precision`` (:mod:`smoothpurify.accel`) applies to the tuning loop; the baseline defenses run
     their own loops in float32.
     """
-    if precision not in PRECISIONS:  # before any work, like an unknown method
-        raise SmoothPurifyError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)  # before any work, like an unknown method
     if method in PRESETS:
         cfg = method_config(method, overrides)
         return cfg.model_dump(), guarded(lambda model, x, y, likelihood, **kw: purify(model, x, y, likelihood, cfg,

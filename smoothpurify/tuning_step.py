@@ -23,7 +23,7 @@ from smoothpurify.optim import NaturalGradient
 from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
 
 # f-SFT's trace steps through spectral_trace.spectral_trace_step (one forward instead of three passes,
-# _BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
+# BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
 FUSED_SPECTRAL_TRACE = True
 
 
@@ -44,9 +44,9 @@ def floats(parts: dict[str, Any]) -> dict[str, float]:
 def mean_of(values: list[torch.Tensor | float]) -> float:
     """Mean of one term's per-step values: floats summed in order (the reference path's numbers),
     device tensors summed in float64 on the device and read once."""
-    floats = [v for v in values if not isinstance(v, torch.Tensor)]
+    numbers = [v for v in values if not isinstance(v, torch.Tensor)]
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    total = sum(floats, 0.0) + (float(torch.stack(tensors).double().sum()) if tensors else 0.0)
+    total = sum(numbers, 0.0) + (float(torch.stack(tensors).double().sum()) if tensors else 0.0)
     return total / len(values)
 
 
@@ -64,12 +64,11 @@ class BatchClosure:
     is finite (at once, or deferred to the epoch's end on a GPU)."""
 
     def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
-                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, fused: list[bool] | None = None,
-                 guard: FiniteGuard | None = None, runner: nn.Module | None = None):
+                 y: torch.Tensor, step: int, cfg: MethodConfig, where: str, guard: FiniteGuard,
+                 fused: list[bool] | None = None, runner: nn.Module | None = None):
         self.opt, self.objective, self.model, self.params = opt, objective, model, params
         self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
-        self.fused, self.runner = fused, runner
-        self.guard = guard or FiniteGuard(False, cfg.name, f"lower the learning rate (now {cfg.lr})")
+        self.guard, self.fused, self.runner = guard, fused, runner
         self.parts: dict[str, torch.Tensor | float] = {}
 
     def _check(self, loss: torch.Tensor) -> None:
