@@ -111,6 +111,12 @@ class SpectralShift(nn.Module):
         filters = self.Vh.reshape(rank, *self.shape[1:])
         if groups > 1:
             filters = filters.repeat(groups, *([1] * (nd + 1)))
+        original = layer.parametrizations.weight.original
+        if nd == 2 and original.is_contiguous(memory_format=torch.channels_last) and not original.is_contiguous():
+            # The model was put in channels_last (the GPU path). Filters rebuilt from Vh are NCHW, and a
+            # 1-channel input's layout is ambiguous, so without this the convolution would follow the
+            # filters and every later layer would run NCHW.
+            filters = filters.contiguous(memory_format=torch.channels_last)
         h = layer._conv_forward(inputs, filters, None)
         if self.record is not None:
             self.record.append((layer, h))

@@ -120,6 +120,30 @@ def test_factored_forward_in_channels_last_order_equals_the_parametrization(fact
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
+def test_factored_convs_keep_channels_last_after_a_one_channel_input(factor_everything):
+    """A 1-channel image's layout is ambiguous, and filters rebuilt from Vh are NCHW: the layers after
+    the first must still run channels_last when the model was put there (Fashion-MNIST on the GPU
+    path), with the reference path's outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1)).double()
+    x = torch.randn(5, 1, 7, 7, dtype=torch.float64)
+    ref, new = prepare(copy.deepcopy(model), "spectral", factored=False), prepare(copy.deepcopy(model), "spectral")
+    for t in (ref, new):
+        for m in t.model.modules():
+            if hasattr(m, "parametrizations"):
+                m.parametrizations.weight[0].delta.data.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(1))
+    new.model.to(memory_format=torch.channels_last)
+    assert all(runs_factored(m) for m in new.model if isinstance(m, nn.Conv2d))
+    h = x.contiguous(memory_format=torch.channels_last)
+    layouts = []
+    for layer in new.model:
+        h = layer(h)
+        layouts.append(h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous())
+    assert layouts[2:] == [True, True, True]
+    torch.testing.assert_close(h, ref.model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_factoring_rule_skips_layers_where_it_costs_more():
     tuned = prepare(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3)), "spectral")
     assert not runs_factored(tuned.model[0]) and runs_factored(tuned.model[1])
