@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from smoothpurify.checkpoint import atomic_write, write_json
 from smoothpurify.max_margin import MaxMargin
 from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
                                scan_families)
+from smoothpurify.scan_reference import ReferencedScan, ReferenceTraining, train_reference
 
 
 def trigger_families(mod: Modality, example: torch.Tensor) -> dict[str, TriggerFamily]:
@@ -39,8 +40,54 @@ def trigger_families(mod: Modality, example: torch.Tensor) -> dict[str, TriggerF
 
 def scan_model(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *,
                settings: ScanSettings | None = None, seed: int = 0, device: str = "cpu",
-               progress: bool = True, families: list[str] | None = None) -> CombinedScan:
-    """Scan with the modality's families (``families`` picks some of them by name)."""
+               progress: bool = True, families: list[str] | None = None,
+               reference: bool | CombinedScan = False) -> CombinedScan | ReferencedScan:
+    """Scan with the modality's families (``families`` picks some of them by name). ``reference``: judge
+    the scan against a clean reference (:mod:`smoothpurify.scan_reference`): ``True`` trains one from
+    ``model``'s architecture and ``clean`` and scans it; a :class:`CombinedScan` is such a reference's
+    scan, done before (:func:`reference_scan`; a purification's before/after share one)."""
+    if reference is True:
+        reference = reference_scan(mod, model, clean, num_classes, settings=settings, seed=seed, device=device,
+                                   progress=progress, families=families)
+    own = _scan(mod, model, clean, num_classes, settings=settings, seed=seed, device=device, progress=progress,
+                families=families)
+    return ReferencedScan(own, reference) if isinstance(reference, CombinedScan) else own
+
+
+def scanner(mod: Modality, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *, reference: bool,
+            settings: ScanSettings | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
+            families: list[str] | None = None) -> Callable[[nn.Module], CombinedScan | ReferencedScan]:
+    """``model -> scan`` for scanning several models on the same clean data (a purification's received
+    and purified models, ``--method auto``'s candidates): with ``reference`` the clean reference is
+    trained and scanned once, at the first call (from that model's architecture), and judges them all."""
+    shared: dict[str, CombinedScan] = {}
+
+    def scan_one(model: nn.Module) -> CombinedScan | ReferencedScan:
+        if reference and "ref" not in shared:
+            shared["ref"] = reference_scan(mod, model, clean, num_classes, settings=settings, seed=seed,
+                                           device=device, progress=progress, families=families)
+        return scan_model(mod, model, clean, num_classes, settings=settings, seed=seed, device=device,
+                          progress=progress, families=families, reference=shared.get("ref", False))
+
+    return scan_one
+
+
+def reference_scan(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *,
+                   settings: ScanSettings | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
+                   families: list[str] | None = None,
+                   training: ReferenceTraining | None = None) -> CombinedScan:
+    """Train the clean reference (``model``'s architecture, re-initialised, trained on ``clean`` with the
+    modality's augmentation) and scan it exactly as the model will be scanned."""
+    _families(mod, clean, families)
+    training = training or ReferenceTraining(seed=seed)
+    ref = train_reference(model, clean[0], clean[1], mod.likelihood, augment=mod.augment, settings=training,
+                          device=device, progress=progress)
+    return _scan(mod, ref, clean, num_classes, settings=settings, seed=seed, device=device, progress=progress,
+                 families=families)
+
+
+def _families(mod: Modality, clean: tuple[Any, torch.Tensor], families: list[str] | None) -> dict[str, TriggerFamily]:
+    """The families to search, or why these data cannot be scanned (before any training or search)."""
     x, y = clean
     if y.dim() != 1:
         raise ValueError("the scan needs single-label clean data (one class per input)")
@@ -55,7 +102,14 @@ def scan_model(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch
         if unknown:
             raise ValueError(f"unknown trigger family {', '.join(unknown)}; this model's: {', '.join(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in families}
-    return scan_families(model, x, y, num_classes, chosen, settings, seed=seed, device=device, progress=progress)
+    return chosen
+
+
+def _scan(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *,
+          settings: ScanSettings | None, seed: int, device: str, progress: bool,
+          families: list[str] | None) -> CombinedScan:
+    return scan_families(model, clean[0], clean[1], num_classes, _families(mod, clean, families), settings,
+                         seed=seed, device=device, progress=progress)
 
 
 def save_scan(result: CombinedScan, out_dir: Path, title: str = "") -> dict[str, Any]:
@@ -114,11 +168,17 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
 def scan_lines(result: CombinedScan, label: str) -> list[str]:
     """What the terminal shows: the risk in words and the per-class numbers of each family."""
     lines = [f"{label}: backdoor risk {result.risk()}"]
+    combined = getattr(result, "combined", None)  # a ReferencedScan
     for name, r in result.results.items():
         sizes = " ".join(f"{t.size:.3g}" if t.size != float("inf") else "inf" for t in r.triggers)
         anomaly = " ".join(f"{a:.1f}" for a in r.anomaly)
         lines += [f"  {name}: trigger size per class: {sizes}",
-                  f"  {name}: anomaly index per class: {anomaly} ({r.seconds:.0f} s)"]
+                  f"  {name}: anomaly index per class{' (against the reference)' if combined else ''}: {anomaly} "
+                  f"({r.seconds:.0f} s)"]
+    if combined:
+        lines.append(f"  combined over the families (Stouffer): {' '.join(f'{z:.1f}' for z in combined)}; flag at "
+                     f"{result.threshold:.2f} ({result.fpr:.0%} of clean models); the reference's training and "
+                     f"scan took {result.reference.seconds:.0f} s")
     return lines
 
 

@@ -170,20 +170,29 @@ class ScanResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def anomaly_index(sizes: list[float]) -> list[float]:
-    """``(median - l_t) / (1.4826 MAD)`` of ``l_t = log size_t`` per class; an unreached class (inf)
-    counts as twice the largest reached size."""
+def log_sizes(sizes: list[float]) -> list[float]:
+    """``log size_t``; an unreached class (inf) counts as twice the largest reached size."""
     finite = [s for s in sizes if math.isfinite(s)]
-    if not finite:
-        return [0.0] * len(sizes)
-    cap = 2 * max(finite)
-    values = torch.tensor([s if math.isfinite(s) else cap for s in sizes], dtype=torch.float64)
-    values = values.clamp_min(1e-6).log()
-    med = values.quantile(0.5)  # the mean of the two middle values (torch's median takes the lower)
-    mad = (values - med).abs().quantile(0.5) * MAD_CONSISTENCY
+    cap = 2 * max(finite) if finite else 1.0
+    return [math.log(max(s if math.isfinite(s) else cap, 1e-6)) for s in sizes]
+
+
+def mad_anomaly(values: list[float]) -> list[float]:
+    """``(median - v_t) / (1.4826 MAD)`` per class (the median of an even count: the mean of the two
+    middle values; torch's median takes the lower)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    med = v.quantile(0.5)
+    mad = (v - med).abs().quantile(0.5) * MAD_CONSISTENCY
     if float(mad) == 0.0:
+        return [0.0] * len(values)
+    return [float(a) for a in (med - v) / mad]
+
+
+def anomaly_index(sizes: list[float]) -> list[float]:
+    """:func:`mad_anomaly` of :func:`log_sizes`; all zero when no class was reached."""
+    if not any(math.isfinite(s) for s in sizes):
         return [0.0] * len(sizes)
-    return [float(v) for v in (med - values) / mad]
+    return mad_anomaly(log_sizes(sizes))
 
 
 def reverse_engineer(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, target: int,
