@@ -38,7 +38,7 @@ def scan_one(args) -> None:
     from pipeline.run import Run
     from smoothpurify.max_margin import MaxMargin
     from smoothpurify.scan import Additive, MaskPattern, ScanSettings, scan_families
-    from smoothpurify.scan_reference import train_reference
+    from smoothpurify.scan_reference import ReferenceTraining, train_reference
     from smoothpurify.training import predict
 
     register_modality("image", ImageModality)
@@ -51,7 +51,8 @@ def scan_one(args) -> None:
     info = {}
     if args.reference:
         t0 = time.perf_counter()
-        model = train_reference(model, x, y, mod.likelihood, augment=mod.augment, progress=False)
+        model = train_reference(model, x, y, mod.likelihood, augment=mod.augment, progress=False,
+                                settings=ReferenceTraining(seed=args.ref_seed))
         xt, yt = mod.load_split(run.data_dir, "test")
         info = {"ref_train_s": round(time.perf_counter() - t0, 1),
                 "ref_val_acc": float((predict(model, x) == y).float().mean()),
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("model_dir")
     s.add_argument("data_run")
     s.add_argument("--reference", action="store_true")
+    s.add_argument("--ref-seed", type=int, default=0, help="the reference's initialisation and batch order")
     sub.add_parser("table")
     args = ap.parse_args(argv)
     if args.cmd == "scan":
