@@ -81,6 +81,7 @@ def table() -> str:
         if "ref_test_acc" in r:
             acc[r["name"]] = r["ref_test_acc"]
     per_family, z = family_threshold(2.0, 3), null_threshold(10, 3)
+    flag = lambda v, thr: f"**{top(v)}**" if max(v) > thr else top(v)  # noqa: E731
 
     def top(v: list[float]) -> str:
         i = max(range(len(v)), key=v.__getitem__)
@@ -102,10 +103,21 @@ def table() -> str:
         st = [sum(raw[f][t] for f in FAMILIES) / math.sqrt(3) for t in range(10)]
         st_rel = [sum(rel[f][t] for f in FAMILIES) / math.sqrt(3) for t in range(10)]
         old = max(FAMILIES, key=lambda f: max(raw[f]))
-        flag = lambda v, thr: f"**{top(v)}**" if max(v) > thr else top(v)  # noqa: E731
         lines.append(f"| {name} | " + " | ".join(top(raw[f]) for f in FAMILIES) +
                      f" | {'**flag ' + top(raw[old]) + '**' if max(raw[old]) > per_family else 'no'} | {flag(st, z)} | "
                      + " | ".join(top(rel[f]) for f in FAMILIES) + f" | {flag(st_rel, z)} |")
+    lines += ["", "The received model judged against its purified model (`purify --scan`'s \"what the purification "
+              f"removed\"; `recommended`): Stouffer sum of the families' indices of log size(received) - log "
+              f"size(purified), flagged over {z:.2f}.", "", "| model | mask | additive | margin | **Stouffer** |",
+              "|---|---|---|---|---|"]
+    for name in sorted(sizes):
+        after = sizes.get(f"{name} after recommended")
+        if not after or set(after) != set(FAMILIES) or set(sizes[name]) != set(FAMILIES):
+            continue
+        rel = {f: mad_anomaly([a - b for a, b in zip(log_sizes(sizes[name][f]), log_sizes(after[f]))])
+               for f in FAMILIES}
+        st = [sum(rel[f][t] for f in FAMILIES) / math.sqrt(3) for t in range(10)]
+        lines.append(f"| {name} | " + " | ".join(top(rel[f]) for f in FAMILIES) + f" | {flag(st, z)} |")
     lines += ["", "References (test accuracy): " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(acc.items()))]
     return "\n".join(lines) + "\n"
 

@@ -250,8 +250,10 @@ def purify(
     typer.echo(f"{kind}: {out} (record: {out.with_suffix('.record.json')})")
     if scan:
         from pipeline.own_checkpoint import load_user_model
-        from pipeline.scan import save_scan, scan_lines, scanner
+        import json
 
+        from pipeline.scan import removal, removal_line, save_scan, scan_lines, scanner
+        from smoothpurify.checkpoint import atomic_write
         from smoothpurify.scan import residual, residual_line
 
         scans, scan_one = {}, scanner(mod, clean, num_classes, reference=reference, seed=seed, device=device)
@@ -261,6 +263,10 @@ def purify(
             typer.echo("\n".join(scan_lines(scans[label], f"{label} model")))
         typer.echo("before and after: " + residual_line(residual(scans["received"], scans["purified"]),
                                                          scans["purified"].threshold))
+        removed = removal(scans["received"], scans["purified"])
+        atomic_write(out.parent / f"{out.stem}.scan-removed.json",
+                     lambda tmp: tmp.write_text(json.dumps(removed.to_record(), indent=2) + "\n"))
+        typer.echo("what the purification removed: " + removal_line(removed))
 
 
 @app.command("scan")

@@ -112,6 +112,29 @@ def _scan(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tens
                          seed=seed, device=device, progress=progress)
 
 
+def removal(received: CombinedScan | ReferencedScan, purified: CombinedScan | ReferencedScan) -> ReferencedScan:
+    """The received model's scan judged against the purified model's (each family's anomaly index of
+    ``log size_t(received) - log size_t(purified)``, summed over families, the 5 % null threshold;
+    :class:`ReferencedScan`). The purified model shares the received one's data, architecture and
+    natural hubs but not the backdoor it lost, so a flag names the class the purification made much
+    harder to reach: the removed backdoor's target."""
+    unwrap = lambda s: s.scanned if isinstance(s, ReferencedScan) else s  # noqa: E731
+    return ReferencedScan(unwrap(received), unwrap(purified), reference_label="the purified model")
+
+
+def removal_line(judged: ReferencedScan) -> str:
+    """:func:`removal` in words."""
+    top = max(range(len(judged.combined)), key=judged.combined.__getitem__)
+    z = judged.combined[top]
+    if judged.flagged:
+        return (f"class {top} became {z:.1f} combined MADs harder to reach through the purification (flag at "
+                f"{judged.threshold:.2f}): a sign that the received model held a backdoor to class {top} and the "
+                "purification removed it (a natural hub that the new classifier flattened can look the same: "
+                "README, 'What the purification removed')")
+    return (f"no class became much harder to reach through the purification (largest: class {top} at {z:.1f}, "
+            f"flag at {judged.threshold:.2f}): no sign that the received model held a backdoor it removed")
+
+
 def save_scan(result: CombinedScan, out_dir: Path, title: str = "") -> dict[str, Any]:
     """``scan.json`` (record) and ``triggers-<family>.png`` (one panel per class) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,9 @@ class ReferencedScan:
     scanned: CombinedScan
     reference: CombinedScan
     fpr: float = NULL_FPR
+    # what the reference is, in the risk's words: a clean reference, or the same model after purification
+    # (then a flag says which class the purification made much harder to reach: the removed backdoor's)
+    reference_label: str = "a model trained on the clean data alone"
 
     def __post_init__(self) -> None:
         if set(self.scanned.results) != set(self.reference.results):
@@ -137,11 +140,11 @@ class ReferencedScan:
         top = max(range(len(self.combined)), key=self.combined.__getitem__)
         z, per = self.combined[top], ", ".join(f"{n} {r.anomaly[top]:.1f}" for n, r in self.results.items())
         if self.flagged:
-            return (f"high: class {top} is easier to reach than in a model trained on the clean data alone, by "
+            return (f"high: class {top} is easier to reach than in {self.reference_label}, by "
                     f"{z:.1f} combined MADs ({per}; flag at {self.threshold:.2f}, which flags {self.fpr:.0%} of "
                     f"clean models); a backdoor to class {top} is likely")
         level = "low to moderate" if z > self.threshold / 2 else "low"
-        return (f"{level}: against the clean reference the most anomalous class ({top}) is at {z:.1f} combined "
+        return (f"{level}: against {self.reference_label} the most anomalous class ({top}) is at {z:.1f} combined "
                 f"MADs ({per}), under the flag at {self.threshold:.2f}")
 
     def to_record(self) -> dict[str, Any]:
@@ -151,5 +154,5 @@ class ReferencedScan:
                               "raw_anomaly": self.scanned.results[name].anomaly}
         return {"families": families, "combined": self.combined, "max_anomaly": self.max_anomaly,
                 "suspected": self.suspected, "flagged": self.flagged, "threshold": self.threshold, "fpr": self.fpr,
-                "reference": True, "risk": self.risk(), "seconds": round(self.seconds, 3),
+                "reference": self.reference_label, "risk": self.risk(), "seconds": round(self.seconds, 3),
                 "reference_seconds": round(self.reference.seconds, 3)}

@@ -144,3 +144,7 @@ def test_purify_scan_reports_the_received_models_class_after_purification(outsid
     line = next(l for l in out.stdout.splitlines() if l.startswith("before and after: "))
     assert ("flagged in the received model" in line) or ("received model was not flagged" in line)
     assert (d / "ft.scan-received" / "scan.json").is_file() and (d / "ft.scan-purified" / "scan.json").is_file()
+    removed = json.loads((d / "ft.scan-removed.json").read_text())
+    assert removed["reference"] == "the purified model" and len(removed["combined"]) == 10
+    line = next(l for l in out.stdout.splitlines() if l.startswith("what the purification removed: "))
+    assert ("the purification removed it" in line) == removed["flagged"]

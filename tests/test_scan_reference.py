@@ -156,3 +156,25 @@ def test_scan_command_with_reference_records_the_combined_judgement(outside_chec
     assert record["threshold"] == pytest.approx(null_threshold(10, 2))
     assert all(len(f["reference_sizes"]) == 10 for f in record["families"].values())
     assert "combined over the families" in out.stdout and "against the reference" in out.stdout
+
+
+def test_removal_names_the_class_the_purification_made_harder_to_reach():
+    from pipeline.scan import removal, removal_line
+
+    rng = np.random.default_rng(2)
+    natural = np.exp(rng.normal(0, 0.3, size=10))
+    natural[8] /= 20  # a hub both models share
+    noise = lambda: np.exp(rng.normal(0, 0.05, size=10))  # noqa: E731
+    families = ("mask", "additive", "margin")
+    received = natural.copy()
+    received[0] /= 10
+    purified = combined({f: list(natural * noise()) for f in families})
+    judged = removal(combined({f: list(received * noise()) for f in families}), purified)
+    assert judged.flagged and judged.suspected == 0 and "removed it" in removal_line(judged)
+    # a model the purification changed only by noise: nothing was removed
+    calm = removal(combined({f: list(natural * noise()) for f in families}), purified)
+    assert not calm.flagged and "no sign" in removal_line(calm)
+    # the scans of a referenced run are unwrapped: received and purified are compared directly
+    wrapped = removal(ReferencedScan(combined({f: list(received * noise()) for f in families}), purified),
+                      ReferencedScan(purified, purified))
+    assert wrapped.suspected == 0
