@@ -25,7 +25,7 @@ from pipeline.run import Run
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import atomic_write, write_json
 from smoothpurify.max_margin import MaxMargin
-from smoothpurify.scan import (Additive, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
+from smoothpurify.scan import (Additive, ClassTrigger, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
                                scan_families)
 from smoothpurify.scan_reference import ReferencedScan, ReferenceTraining, train_reference
 
@@ -120,6 +120,17 @@ def removal(received: CombinedScan | ReferencedScan, purified: CombinedScan | Re
     harder to reach: the removed backdoor's target."""
     unwrap = lambda s: s.scanned if isinstance(s, ReferencedScan) else s  # noqa: E731
     return ReferencedScan(unwrap(received), unwrap(purified), reference_label="the purified model")
+
+
+def scan_from_record(record: dict[str, Any]) -> CombinedScan:
+    """A :class:`CombinedScan` back from its ``scan.json`` record (sizes, success, anomaly per family)."""
+    results = {}
+    for name, fam in record["families"].items():
+        triggers = [ClassTrigger(t, math.inf if size is None else float(size), float(ok))
+                    for t, (size, ok) in enumerate(zip(fam["sizes"], fam["success"]))]
+        results[name] = ScanResult(triggers, list(fam["anomaly"]), fam["suspected"], fam["threshold"],
+                                   float(fam.get("seconds", 0.0)))
+    return CombinedScan(results)
 
 
 def removal_line(judged: ReferencedScan) -> str:

@@ -38,6 +38,12 @@ def test_scan_stage_off_then_on_and_in_the_report(tiny_params):
     md, _ = write_report("image", params, ["badnets"], ["ft"], figures=False)
     text = md.read_text()
     assert "## Backdoor scan" in text and "| badnets | backdoored |" in text and "| badnets | ft |" in text
+    # the purified row carries the received model judged against it, rebuilt from the two records
+    from pipeline.scan import removal, scan_from_record
+    judged = removal(scan_from_record(before), scan_from_record(after))
+    top = max(range(10), key=judged.combined.__getitem__)
+    assert "removed (received vs this)" in text and f"{judged.combined[top]:.2f} (class {top})" in text
+    assert scan_from_record(before).results["mask"].anomaly == before["families"]["mask"]["anomaly"]
 
 
 @pytest.mark.parametrize("section,msg", [({"steps": 5}, "at least 10"), ({"when": 1}, "unknown key"),

@@ -125,16 +125,27 @@ def _measured_asr(run: Run, attack: str, name: str) -> float | None:
 def _scan_blocks(run: Run, attacks: list[str], methods: list[str]) -> list[tuple]:
     """The scan of each backdoored and purified model (clean data only) beside its measured test ASR,
     and the synthesised triggers of every flagged model; empty when nothing was scanned."""
+    from pipeline.scan import removal, scan_from_record
+
     rows, images = [], []
     for attack in attacks:
+        received = None
         for name, label in [("backdoored", "backdoored"), *((f"purified/{m}", m) for m in methods)]:
             rec = run.read_json(run.scan_record(attack, name)) if run.scan_record(attack, name).is_file() else None
             if not rec or not rec.get("enabled") or rec.get("skipped"):
                 continue
             asr = _measured_asr(run, attack, name)
+            removed = ("-", False)
+            if name == "backdoored":
+                received = rec
+            elif received is not None:
+                judged = removal(scan_from_record(received), scan_from_record(rec))
+                top = max(range(len(judged.combined)), key=judged.combined.__getitem__)
+                removed = (f"{judged.combined[top]:.2f} (class {top}){', flagged' if judged.flagged else ''}",
+                           judged.flagged)
             rows.append([(attack, False), (label, False), (f"{rec['max_anomaly']:.2f} ({rec.get('family', '-')})", False),
                          ("-" if rec.get("suspected") is None else str(rec["suspected"]), False),
-                         ("yes" if rec["flagged"] else "no", bool(rec["flagged"])),
+                         ("yes" if rec["flagged"] else "no", bool(rec["flagged"])), removed,
                          ("-" if asr is None else f"{100 * asr:.1f} %", False)])
             if rec["flagged"]:
                 images += [("img", f, f"{attack}, {label}: synthesised triggers ({Path(f).stem.split('-', 1)[1]})")
@@ -143,9 +154,12 @@ def _scan_blocks(run: Run, attacks: list[str], methods: list[str]) -> list[tuple
         return []
     return [("p", "Each model scanned from the clean validation data alone (no poisoned data): for every class "
                   "the smallest trigger that sends the other classes' inputs to it; a class whose trigger is an "
-                  "outlier (anomaly index above 2) is flagged as the suspected target. Test ASR beside it, for "
-                  "reporting only."),
-            ("table", ["attack", "model", "largest anomaly (family)", "suspected class", "flagged", "test ASR"], rows),
+                  "outlier (anomaly index above 2) is flagged as the suspected target. 'Removed': the backdoored "
+                  "model's scan judged against the purified model's (README, 'What the purification removed'): "
+                  "the class the purification made hardest to reach, flagged over the 5 % null threshold. Test "
+                  "ASR beside it, for reporting only."),
+            ("table", ["attack", "model", "largest anomaly (family)", "suspected class", "flagged",
+                       "removed (received vs this)", "test ASR"], rows),
             *images]
 
 
