@@ -70,8 +70,8 @@ def scan_one(args) -> None:
 
 
 def table() -> str:
-    from smoothpurify.scan import anomaly_index, family_threshold, log_sizes, mad_anomaly
-    from smoothpurify.scan_reference import null_threshold
+    from smoothpurify.scan import ClassTrigger, CombinedScan, ScanResult, family_threshold
+    from smoothpurify.scan_reference import ReferencedScan, null_threshold
 
     sizes: dict[str, dict[str, list[float]]] = {}
     acc: dict[str, float] = {}
@@ -81,11 +81,23 @@ def table() -> str:
         if "ref_test_acc" in r:
             acc[r["name"]] = r["ref_test_acc"]
     per_family, z = family_threshold(2.0, 3), null_threshold(10, 3)
-    flag = lambda v, thr: f"**{top(v)}**" if max(v) > thr else top(v)  # noqa: E731
+
+    def scanned(name: str) -> CombinedScan | None:  # the recorded sizes as the scan they came from
+        fams = sizes.get(name)
+        if not fams or set(fams) != set(FAMILIES):
+            return None
+        return CombinedScan({f: ScanResult.judged([ClassTrigger(t, s, 1.0) for t, s in enumerate(fams[f])],
+                                                  per_family, 0.0) for f in FAMILIES})
 
     def top(v: list[float]) -> str:
         i = max(range(len(v)), key=v.__getitem__)
         return f"{v[i]:.2f} ({i})"
+
+    def flag(v: list[float], thr: float) -> str:
+        return f"**{top(v)}**" if max(v) > thr else top(v)
+
+    def stouffer(scan: CombinedScan) -> list[float]:
+        return [sum(r.anomaly[t] for r in scan.results.values()) / math.sqrt(len(FAMILIES)) for t in range(10)]
 
     lines = ["# The scan with and without a clean reference (smoke profile, CPU, one thread per scan)", "",
              f"Largest value (class). Old rule: any family's anomaly index over {per_family:.2f}. Stouffer: "
@@ -95,29 +107,26 @@ def table() -> str:
              "| model | mask | additive | margin | old rule | Stouffer | relative mask | relative additive | "
              "relative margin | **relative Stouffer** |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(n for n in sizes if not n.startswith("ref-")):
-        fams, ref = sizes[name], sizes.get("ref-" + name.split("/")[0])
-        if set(fams) != set(FAMILIES) or not ref or set(ref) != set(FAMILIES):
+        own, ref = scanned(name), scanned("ref-" + name.split("/")[0])
+        if own is None or ref is None:
             continue
-        raw = {f: anomaly_index(fams[f]) for f in FAMILIES}
-        rel = {f: mad_anomaly([a - b for a, b in zip(log_sizes(fams[f]), log_sizes(ref[f]))]) for f in FAMILIES}
-        st = [sum(raw[f][t] for f in FAMILIES) / math.sqrt(3) for t in range(10)]
-        st_rel = [sum(rel[f][t] for f in FAMILIES) / math.sqrt(3) for t in range(10)]
+        judged = ReferencedScan(own, ref)
+        raw = {f: own.results[f].anomaly for f in FAMILIES}
         old = max(FAMILIES, key=lambda f: max(raw[f]))
         lines.append(f"| {name} | " + " | ".join(top(raw[f]) for f in FAMILIES) +
-                     f" | {'**flag ' + top(raw[old]) + '**' if max(raw[old]) > per_family else 'no'} | {flag(st, z)} | "
-                     + " | ".join(top(rel[f]) for f in FAMILIES) + f" | {flag(st_rel, z)} |")
+                     f" | {'**flag ' + top(raw[old]) + '**' if own.flagged else 'no'} | {flag(stouffer(own), z)} | "
+                     + " | ".join(top(judged.results[f].anomaly) for f in FAMILIES) + f" | {flag(judged.combined, z)} |")
     lines += ["", "The received model judged against its purified model (`purify --scan`'s \"what the purification "
               f"removed\"; `recommended`): Stouffer sum of the families' indices of log size(received) - log "
               f"size(purified), flagged over {z:.2f}.", "", "| model | mask | additive | margin | **Stouffer** |",
               "|---|---|---|---|---|"]
     for name in sorted(sizes):
-        after = sizes.get(f"{name} after recommended")
-        if not after or set(after) != set(FAMILIES) or set(sizes[name]) != set(FAMILIES):
+        received, after = scanned(name), scanned(f"{name} after recommended")
+        if received is None or after is None:
             continue
-        rel = {f: mad_anomaly([a - b for a, b in zip(log_sizes(sizes[name][f]), log_sizes(after[f]))])
-               for f in FAMILIES}
-        st = [sum(rel[f][t] for f in FAMILIES) / math.sqrt(3) for t in range(10)]
-        lines.append(f"| {name} | " + " | ".join(top(rel[f]) for f in FAMILIES) + f" | {flag(st, z)} |")
+        judged = ReferencedScan(received, after)
+        lines.append(f"| {name} | " + " | ".join(top(judged.results[f].anomaly) for f in FAMILIES) +
+                     f" | {flag(judged.combined, z)} |")
     lines += ["", "References (test accuracy): " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(acc.items()))]
     return "\n".join(lines) + "\n"
 

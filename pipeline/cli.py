@@ -250,10 +250,8 @@ def purify(
     typer.echo(f"{kind}: {out} (record: {out.with_suffix('.record.json')})")
     if scan:
         from pipeline.own_checkpoint import load_user_model
-        import json
-
         from pipeline.scan import removal, removal_line, save_scan, scan_lines, scanner
-        from smoothpurify.checkpoint import atomic_write
+        from smoothpurify.checkpoint import write_json
         from smoothpurify.scan import residual, residual_line
 
         scans, scan_one = {}, scanner(mod, clean, num_classes, reference=reference, seed=seed, device=device)
@@ -264,8 +262,7 @@ def purify(
         typer.echo("before and after: " + residual_line(residual(scans["received"], scans["purified"]),
                                                          scans["purified"].threshold))
         removed = removal(scans["received"], scans["purified"])
-        atomic_write(out.parent / f"{out.stem}.scan-removed.json",
-                     lambda tmp: tmp.write_text(json.dumps(removed.to_record(), indent=2) + "\n"))
+        write_json(out.parent / f"{out.stem}.scan-removed.json", removed.to_record())
         typer.echo("what the purification removed: " + removal_line(removed))
 
 

@@ -135,8 +135,7 @@ def scan_from_record(record: dict[str, Any]) -> CombinedScan:
 
 def removal_line(judged: ReferencedScan) -> str:
     """:func:`removal` in words."""
-    top = max(range(len(judged.combined)), key=judged.combined.__getitem__)
-    z = judged.combined[top]
+    top, z = judged.top, judged.max_anomaly
     if judged.flagged:
         return (f"class {top} became {z:.1f} combined MADs harder to reach through the purification (flag at "
                 f"{judged.threshold:.2f}): a sign that the received model held a backdoor to class {top} and the "

@@ -177,15 +177,17 @@ def log_sizes(sizes: list[float]) -> list[float]:
     return [math.log(max(s if math.isfinite(s) else cap, 1e-6)) for s in sizes]
 
 
+def mad_scores(values: torch.Tensor) -> torch.Tensor:
+    """``(median - v_t) / (1.4826 MAD)`` along the last dimension (the median of an even count: the
+    mean of the two middle values; torch's median takes the lower); 0 where the MAD is 0."""
+    med = values.quantile(0.5, dim=-1, keepdim=True)
+    mad = (values - med).abs().quantile(0.5, dim=-1, keepdim=True) * MAD_CONSISTENCY
+    return torch.where(mad > 0, (med - values) / mad.where(mad > 0, torch.ones_like(mad)), torch.zeros_like(values))
+
+
 def mad_anomaly(values: list[float]) -> list[float]:
-    """``(median - v_t) / (1.4826 MAD)`` per class (the median of an even count: the mean of the two
-    middle values; torch's median takes the lower)."""
-    v = torch.tensor(values, dtype=torch.float64)
-    med = v.quantile(0.5)
-    mad = (v - med).abs().quantile(0.5) * MAD_CONSISTENCY
-    if float(mad) == 0.0:
-        return [0.0] * len(values)
-    return [float(a) for a in (med - v) / mad]
+    """:func:`mad_scores` of one list of per-class values."""
+    return [float(a) for a in mad_scores(torch.tensor(values, dtype=torch.float64))]
 
 
 def anomaly_index(sizes: list[float]) -> list[float]:

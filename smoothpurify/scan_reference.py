@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from smoothpurify import SmoothPurifyError
-from smoothpurify.scan import CombinedScan, ScanResult, log_sizes, mad_anomaly
+from smoothpurify.scan import CombinedScan, ScanResult, log_sizes, mad_anomaly, mad_scores
 from smoothpurify.training import train
 
 NULL_FPR = 0.05          # the share of clean models a referenced scan may flag
@@ -80,9 +80,7 @@ def null_threshold(num_classes: int, families: int, fpr: float = NULL_FPR, draws
         raise SmoothPurifyError("the scan needs at least 3 classes (a median and a spread of the others)")
     gen = torch.Generator().manual_seed(0)
     logs = torch.randn(draws, families, num_classes, generator=gen, dtype=torch.float64)
-    med = logs.quantile(0.5, dim=-1, keepdim=True)
-    mad = (logs - med).abs().quantile(0.5, dim=-1, keepdim=True) * 1.4826
-    z = ((med - logs) / mad).sum(1) / math.sqrt(families)
+    z = mad_scores(logs).sum(1) / math.sqrt(families)
     return float(z.max(-1).values.quantile(1 - fpr))
 
 
@@ -117,13 +115,17 @@ class ReferencedScan:
         self.combined = [sum(r.anomaly[t] for r in self.results.values()) / math.sqrt(len(names)) for t in range(k)]
 
     @property
+    def top(self) -> int:
+        """The class with the largest combined sum, flagged or not."""
+        return max(range(len(self.combined)), key=self.combined.__getitem__)
+
+    @property
     def max_anomaly(self) -> float:
-        return max(self.combined)
+        return self.combined[self.top]
 
     @property
     def suspected(self) -> int | None:
-        top = max(range(len(self.combined)), key=self.combined.__getitem__)
-        return top if self.combined[top] > self.threshold else None
+        return self.top if self.max_anomaly > self.threshold else None
 
     @property
     def flagged(self) -> bool:
@@ -137,7 +139,7 @@ class ReferencedScan:
         return self.combined[cls]
 
     def risk(self) -> str:
-        top = max(range(len(self.combined)), key=self.combined.__getitem__)
+        top = self.top
         z, per = self.combined[top], ", ".join(f"{n} {r.anomaly[top]:.1f}" for n, r in self.results.items())
         if self.flagged:
             return (f"high: class {top} is easier to reach than in {self.reference_label}, by "

@@ -140,8 +140,7 @@ def _scan_blocks(run: Run, attacks: list[str], methods: list[str]) -> list[tuple
                 received = rec
             elif received is not None:
                 judged = removal(scan_from_record(received), scan_from_record(rec))
-                top = max(range(len(judged.combined)), key=judged.combined.__getitem__)
-                removed = (f"{judged.combined[top]:.2f} (class {top}){', flagged' if judged.flagged else ''}",
+                removed = (f"{judged.max_anomaly:.2f} (class {judged.top}){', flagged' if judged.flagged else ''}",
                            judged.flagged)
             rows.append([(attack, False), (label, False), (f"{rec['max_anomaly']:.2f} ({rec.get('family', '-')})", False),
                          ("-" if rec.get("suspected") is None else str(rec["suspected"]), False),
