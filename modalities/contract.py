@@ -163,7 +163,10 @@ class Modality(Protocol):
       (default: mask and pattern for ``[..., C, H, W]`` inputs, else a universal additive perturbation;
       MM-BD's maximum-margin statistic is searched beside it in every case);
     * ``training_loss(...)``: the per-sample training loss where it is not the likelihood's NLL
-      (multi-label's asymmetric loss).
+      (multi-label's asymmetric loss);
+    * ``overlay(inputs, partners, weights, generator)``: what laying ``partners`` over ``inputs`` at
+      ``weights`` means for the presets' overlay consistency (``overlay_max``;
+      :data:`smoothpurify.objective.Overlay`); default: the pixel-wise blend.
 
     Optional attribute ``method_defaults``: ``{preset: {setting: value}}``, the modality's own
     settings of a tuning preset (issue: "a modality may carry its own defaults"), applied under
@@ -251,13 +254,14 @@ def method_defaults(modality: Any, method: str) -> dict[str, Any]:
 
 def presets_without(option: str) -> dict[str, dict[str, float]]:
     """``method_defaults`` entries that switch ``option`` off (0) in every preset that turns it on: for a
-    modality whose inputs an option cannot handle (overlays on tokens or unordered point clouds)."""
+    modality whose inputs an option cannot handle (overlays on tokens)."""
     from smoothpurify.methods import PRESETS
 
     return {name: {option: 0.0} for name, preset in PRESETS.items() if preset.get(option)}
 
 
-OPTIONAL_HOOKS = {"trigger_figure": ("data_dir", "attack", "path"), "scan_family": (), "training_loss": None}
+OPTIONAL_HOOKS = {"trigger_figure": ("data_dir", "attack", "path"), "scan_family": (), "training_loss": None,
+                  "overlay": ("inputs", "partners", "weights", "generator")}
 
 MODALITIES = Registry("modality")  # in-process registrations; installed ones come from entry points
 

@@ -202,7 +202,8 @@ def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_c
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is reported below, in plain words
         result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device,
-                               progress=progress, augment=mod.augment)
+                               progress=progress, augment=mod.augment,
+                               overlay=getattr(mod, "overlay", None))
     rec = result.record
     if rec.get("diverged") and not keep_diverged:
         raise SmoothPurifyError(

@@ -161,7 +161,8 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     before = _backdoored_metrics(run, attack) or evaluate_on_test(model)
     evaluate_curve = with_lambda_max(evaluate_on_test, run, attack) if curve_every else evaluate_on_test
     result = run_method(model, x, y, mod.likelihood, seed=run.seed, device=run.device, evaluate=evaluate_curve,
-                        eval_every=curve_every or None, progress=progress, augment=mod.augment)
+                        eval_every=curve_every or None, progress=progress, augment=mod.augment,
+                        overlay=getattr(mod, "overlay", None))
     save_checkpoint(out / "model.safetensors", result.model.cpu(),
                     {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
                      "purify_config": settings})

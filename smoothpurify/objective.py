@@ -31,7 +31,9 @@ SFT paper Eq. 6 (full) and Eq. 7 (spectral shifts); NGF uses NLL + the anchor on
   the consistency of the teacher-clean / student-perturbed pair of Noisy Student (Xie et al., CVPR
   2020). A trigger blended into the whole image is such an overlay; a teacher shown overlaid views
   would pass its response to them on (see ``distill_mixup``), which is why it never sees them.
-  Continuous inputs only; no extra forward pass.
+  Continuous inputs only; no extra forward pass. What "laid over" means belongs to the modality
+  (``overlay_fn``, :data:`Overlay`): by default the blend above; a point cloud's points have no
+  order, so the point-cloud modality inserts a cluster of the partner's points instead.
 * Label smoothing (``label_smoothing > 0``) replaces the NLL by the likelihood's smoothed loss; the
   Fisher terms always use the true likelihood.
 """
@@ -50,6 +52,16 @@ from smoothpurify.likelihood import Likelihood
 from smoothpurify.model import call_model
 
 TraceFn = Callable[..., torch.Tensor]
+# overlay(inputs, partners, weights, generator): ``inputs`` with ``partners`` (another input of the
+# batch each) laid over them at ``weights`` ([N], 0 = left unchanged); returns a new tensor.
+Overlay = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def blend_overlay(inputs: torch.Tensor, partners: torch.Tensor, weights: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The default overlay: ``(1 - w) x + w x'`` per sample."""
+    w = weights.to(inputs.device, inputs.dtype).view(inputs.shape[0], *([1] * (inputs.dim() - 1)))
+    return (1 - w) * inputs + w * partners
 
 
 def anchor_penalty(params: dict[str, torch.Tensor], fisher_diag: dict[str, torch.Tensor],
@@ -82,6 +94,7 @@ class Objective:
     distill_mixup: float = 0.0                       # Beta(a, a) mixup views for the KD term; 0: the batch
     generator: torch.Generator | None = None         # draws the mixup weights and partners
     overlay_max: float = 0.0                         # > 0: the tuned model sees overlaid views (overlay_view)
+    overlay_fn: Overlay | None = None                # the modality's overlay; None: blend_overlay
 
     def mixup_view(self, inputs: torch.Tensor) -> torch.Tensor:
         """``lam x_i + (1 - lam) x_perm(i)``, ``lam ~ Beta(a, a)`` per sample, one random partner each."""
@@ -95,14 +108,12 @@ class Objective:
 
     def overlay_view(self, inputs: torch.Tensor) -> torch.Tensor:
         """Half the batch (at random) with another input of the batch laid over it at a weight
-        ``w ~ U(0, overlay_max)``: ``(1 - w) x_i + w x_perm(i)``; the rest unchanged."""
+        ``w ~ U(0, overlay_max)`` (by default ``(1 - w) x_i + w x_perm(i)``); the rest unchanged."""
         n = inputs.shape[0]
-        shape = (n, *([1] * (inputs.dim() - 1)))
         w = torch.rand(n, generator=self.generator) * self.overlay_max
         w = w * (torch.rand(n, generator=self.generator) < 0.5)
         perm = torch.randperm(n, generator=self.generator).to(inputs.device)
-        w = w.to(inputs.device, inputs.dtype).view(shape)
-        return (1 - w) * inputs + w * inputs[perm]
+        return (self.overlay_fn or blend_overlay)(inputs, inputs[perm], w, self.generator)
 
     @staticmethod
     def _trace_scale(nll: torch.Tensor, term: torch.Tensor, params: dict[str, torch.Tensor]) -> float:

@@ -28,7 +28,7 @@ from smoothpurify.likelihood import Likelihood
 from smoothpurify.metrics import model_accuracy
 from smoothpurify.methods import MethodConfig
 from smoothpurify.model import call_model, classifier_name, penultimate_features
-from smoothpurify.objective import Objective
+from smoothpurify.objective import Objective, Overlay
 from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
@@ -160,11 +160,13 @@ def _freeze_batch_norm(model: nn.Module) -> None:
 def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, config: MethodConfig,
            *, classifier: str | None = None, seed: int = 0, device: str = "cpu", evaluate: Evaluate | None = None,
            eval_every: int | None = None, progress: bool = True, augment: Augment | None = None,
-           precision: str = "auto", compile: bool = False) -> PurifyResult:
+           overlay: Overlay | None = None, precision: str = "auto", compile: bool = False) -> PurifyResult:
     """Purify a copy of ``model`` with ``config``; ``inputs, targets`` is the clean validation set.
 
     ``augment(x, generator)`` is the modality's training-time augmentation, applied to each batch
     when ``config.augment`` (not on cached features: they are the backbone's outputs).
+    ``overlay`` is the modality's overlay for ``config.overlay_max`` (:data:`smoothpurify.objective.Overlay`;
+    None: the blend; cached features are always blended).
     ``precision`` and ``compile`` choose the device's speed-ups (:mod:`smoothpurify.accel`; on a
     CPU ``"auto"`` is the reference path). The classifier alone (``last_layer``) and the natural
     gradient always run in float32: there is nothing to gain and the solve needs it.
@@ -226,6 +228,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         _require_continuous(work_inputs, f"{cfg.name}: overlay_max lays one input over another", "overlaid",
                             "overlay_max")
         objective.overlay_max, objective.generator = cfg.overlay_max, gen
+        objective.overlay_fn = None if cached else overlay
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)
     tuned.eval()

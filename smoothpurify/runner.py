@@ -25,7 +25,8 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None, precision:
     """``(settings, run)`` for a tuning-loop preset or a baseline defense (:mod:`smoothpurify.defenses`).
 
     ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way; ``kw`` are
-    the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...).
+    the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...);
+    a baseline defense ignores ``overlay`` (it has no overlay consistency term).
     ``precision`` (:mod:`smoothpurify.accel`) applies to the tuning loop; the baseline defenses run
     their own loops in float32.
     """
@@ -38,5 +39,8 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None, precision:
         raise SmoothPurifyError(f"unknown purification method {method!r}; choose one of: "
                                 f"{', '.join(list(PRESETS) + defense_names())}")
     defense, options = get_defense(method), dict(overrides or {})
-    return {"defense": method, **options}, guarded(lambda model, x, y, likelihood, **kw: defense(model, x, y, likelihood,
-                                                                                               options, **kw))
+
+    def run_defense(model, x, y, likelihood, overlay=None, **kw):  # noqa: ARG001 - no overlay consistency in a baseline
+        return defense(model, x, y, likelihood, options, **kw)
+
+    return {"defense": method, **options}, guarded(run_defense)

@@ -160,12 +160,13 @@ def test_recommended_is_fst_with_distillation_and_a_light_overlay():
     assert (cfg.feature_shift_weight, cfg.overlay_max, cfg.epochs) == (2.0, 0.15, 100)
 
 
-def test_modalities_without_a_pixel_grid_run_recommended_without_overlays():
+def test_tokens_run_recommended_without_overlays_and_clouds_with_their_own():
     from modalities.contract import get_modality, method_defaults
 
-    for name in ("translation", "pointcloud"):
-        assert method_defaults(get_modality(name), "recommended")["overlay_max"] == 0.0
-    assert "overlay_max" not in method_defaults(get_modality("image"), "recommended")
+    assert method_defaults(get_modality("translation"), "recommended")["overlay_max"] == 0.0
+    for name in ("image", "pointcloud"):
+        assert "overlay_max" not in method_defaults(get_modality(name), "recommended")
+    assert callable(get_modality("pointcloud").overlay) and not hasattr(get_modality("image"), "overlay")
 
 
 def test_fst_reinitialises_the_classifier_and_keeps_its_norm():

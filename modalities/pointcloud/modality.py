@@ -14,13 +14,13 @@ from pydantic import ValidationError
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
-from modalities.contract import presets_without
 from modalities.kit import SPLITS, ClassifierModality
 from modalities.pointcloud import data as pcdata
 from modalities.pointcloud.attacks import ATTACKS
 from modalities.pointcloud.config import ComposeParams, PointCloudParams
 from modalities.pointcloud.geometry import read_off
 from modalities.pointcloud.models import MODELS
+from modalities.pointcloud.overlay import insert_clusters
 
 
 class PointCloudModality(ClassifierModality):
@@ -31,9 +31,6 @@ class PointCloudModality(ClassifierModality):
     attacks = ATTACKS
     params_model = PointCloudParams
     data_keys = ("dataset", "data_path", "num_points", "val_fraction", "max_train", "max_test", "compose")
-    # Overlay consistency blends two inputs element by element; a cloud's points have no order, so
-    # averaging the i-th points of two clouds is not an overlay, and the presets run without it here.
-    method_defaults = presets_without("overlay_max")
     # Offline synthetic primitives, PointNet (the cheaper net), one insertion attack: seconds on a CPU.
     conformance_params = {"dataset": "synthetic", "num_points": 64, "val_fraction": 0.1, "model": "pointnet",
                           "attacks": ["pointba-i"], "attack": {"target_label": 0, "poison_rate": 0.1},
@@ -64,6 +61,12 @@ class PointCloudModality(ClassifierModality):
         scale = (0.9 + 0.2 * torch.rand(n, 1, 1, generator=generator)).to(inputs)
         noise = (0.005 * torch.randn(inputs.shape, generator=generator)).clamp(-0.02, 0.02).to(inputs)
         return ((inputs - 0.5) * scale + 0.5 + noise).clamp(0, 1)
+
+    def overlay(self, inputs: torch.Tensor, partners: torch.Tensor, weights: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """The presets' overlay consistency on clouds: a cluster cut from the partner cloud inserted at a
+        random place and size (``overlay.insert_clusters``); a blend of unordered points means nothing."""
+        return insert_clusters(inputs, partners, weights, generator)
 
     def trigger_figure(self, data_dir: Path, attack: Any, path: Path) -> tuple[Path, str]:
         """The report's figure (an optional hook): the first test cloud not of the target class, clean
