@@ -141,3 +141,14 @@ def test_list_describes_every_model_attack_and_method_within_200_columns():
     assert set(method_names()) <= set(described)
     assert {"wrn16_1", "badnets", "badnets-50", "cnn_mldecoder", "appearing"} <= set(described)
     assert described["badnets-50"] == "variant of badnets: poison_rate 0.5"
+
+
+def test_each_purify_stage_depends_on_its_modality_s_code():
+    """A modality's own preset settings (``method_defaults``), augmentation and overlay live in its
+    ``modality.py``: a change there must make DVC re-run that modality's purifications."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    purify = [name for name in stages if name.endswith("-purify")]
+    assert {name.removesuffix("-purify") for name in purify} == {"image", "multilabel", "pointcloud", "video",
+                                                                  "translation"}
+    for name in purify:
+        assert f"modalities/{name.removesuffix('-purify')}/modality.py" in stages[name]["deps"], name
