@@ -8,6 +8,7 @@ poisoned data: ``evaluate`` is for reporting only and never steers the run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -74,16 +75,32 @@ def collapsed(acc_start: float, acc_end: float) -> bool:
     return not math.isfinite(acc_end) or acc_end < acc_start - MAX_CLEAN_ACC_DROP
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: str = "cpu"):
+    """Run with torch's global generators (CPU and ``device``'s) seeded with ``seed``, restored after.
+
+    The tuning loop draws its own randomness from a seeded generator, but layers draw from the global
+    one (dropout in PointNet++'s and ML-Decoder's heads), whose state at a stage's start differs from
+    process to process: the same purification gave models 3 ASR points apart in two runs."""
+    dev = torch.device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 def guarded(run: Callable[..., PurifyResult]) -> Callable[..., PurifyResult]:
     """Wrap a method's ``run(model, x, y, likelihood, **kw)`` so that every result, tuning loop or
     baseline defense, records clean validation accuracy before and after and is flagged ``diverged``
-    when its validation loss blew up or its clean accuracy collapsed (:func:`collapsed`)."""
+    when its validation loss blew up or its clean accuracy collapsed (:func:`collapsed`). The method
+    runs under :func:`seeded_global_rng` with its ``seed``, so a run repeats bit for bit."""
     def run_guarded(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood,
                     **kw: Any) -> PurifyResult:
         device = kw.get("device", "cpu")
         x, y = to_device(inputs, device), targets.to(device)
         acc_start = model_accuracy(model.to(device), x, y)
-        result = run(model, inputs, targets, likelihood, **kw)
+        with seeded_global_rng(int(kw.get("seed", 0)), device):
+            result = run(model, inputs, targets, likelihood, **kw)
         acc_end = model_accuracy(result.model.to(device), x, y)
         result.model.cpu()
         rec = result.record

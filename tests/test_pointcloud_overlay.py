@@ -79,6 +79,7 @@ def test_purify_hands_the_modality_overlay_to_the_objective():
 def test_point_clouds_run_recommended_with_their_overlay():
     mod = get_modality("pointcloud")
     assert "overlay_max" not in method_defaults(mod, "recommended")
+    assert method_defaults(mod, "recommended") == {"distill_weight": 6.0}
     assert method_config("recommended").overlay_max > 0
 
 

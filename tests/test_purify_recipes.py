@@ -263,3 +263,28 @@ def test_new_methods_lower_asr_on_a_backdoored_tiny_model(tiny_params, method):
     assert record["before"]["asr"] >= 0.9
     assert record["after"]["asr"] < record["before"]["asr"] - 0.5, record["after"]
     assert record["after"]["acc"] >= record["before"]["acc"] - 0.1 and not record["diverged"]
+
+
+class _DropoutCNN(TinyCNN):
+    """TinyCNN with dropout before its head: a layer that draws from torch's global generator."""
+
+    def forward(self, x):
+        return self.head(nn.functional.dropout(torch.relu(self.bn(self.conv(x))).flatten(1), 0.5, self.training))
+
+
+@pytest.mark.parametrize("method", ["ft", "recommended"])
+def test_a_purification_repeats_bit_for_bit_whatever_the_global_generator_holds(method):
+    from smoothpurify.runner import make_runner
+
+    torch.manual_seed(0)
+    model, (x, y) = _DropoutCNN(), toy_data()
+    _, run = make_runner(method, {"epochs": 2, "batch_size": 16})
+    weights = []
+    for outside in (1, 2):
+        torch.manual_seed(outside)                 # another process, another state: same result
+        out = run(model, x, y, Categorical(), seed=3, progress=False).model
+        weights.append(torch.cat([p.detach().flatten() for p in out.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1))       # the caller's generator is left where it was
