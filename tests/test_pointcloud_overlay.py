@@ -6,7 +6,7 @@ import torch
 from smoothpurify.likelihood import Categorical
 from smoothpurify.methods import method_config
 from smoothpurify.objective import Objective
-from smoothpurify.purify import purify
+from smoothpurify.purify import purify, seeded_global_rng
 from modalities.contract import get_modality, method_defaults
 from modalities.pointcloud.overlay import CLUSTER_RADIUS, CLUSTER_REGION, insert_clusters
 
@@ -79,14 +79,14 @@ def test_purify_hands_the_modality_overlay_to_the_objective():
 def test_point_clouds_run_recommended_with_their_overlay():
     mod = get_modality("pointcloud")
     assert "overlay_max" not in method_defaults(mod, "recommended")
-    assert method_defaults(mod, "recommended") == {"distill_weight": 6.0}
+    assert method_defaults(mod, "recommended") == {"distill_weight": 10.0}
     assert method_config("recommended").overlay_max > 0
 
 
 def test_the_cluster_overlay_lowers_the_asr_of_an_inserted_ball_that_plain_recommended_leaves(tmp_path):
     """A PointBA-I model of the conformance data (synthetic primitives, PointNet, 60 clean validation
     clouds): `recommended` with the cluster overlay lowers its ASR well below where the same preset
-    without the overlay leaves it (measured: 0.41 against 0.82)."""
+    without the overlay leaves it (measured: 0.39 against 0.80)."""
     from modalities.testing import build
 
     built = build("pointcloud", tmp_path)
@@ -98,6 +98,8 @@ def test_the_cluster_overlay_lowers_the_asr_of_an_inserted_ball_that_plain_recom
     asr = {}
     for overlay_max in (0.15, 0.0):
         cfg = method_config("recommended", {"overlay_max": overlay_max})
-        out = purify(model, x, y, mod.likelihood, cfg, progress=False, augment=mod.augment, overlay=mod.overlay).model
+        with seeded_global_rng(0):  # PointNet's head has dropout: the same draws in any process
+            out = purify(model, x, y, mod.likelihood, cfg, progress=False, augment=mod.augment,
+                         overlay=mod.overlay).model
         asr[overlay_max] = mod.evaluate(out, built.data_dir, attack)["asr"]
     assert asr[0.15] < 0.6 and asr[0.15] < asr[0.0] - 0.2, asr
