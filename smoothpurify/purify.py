@@ -156,8 +156,7 @@ def _reinit_classifier(module: nn.Module, seed: int) -> None:
     if not hasattr(module, "reset_parameters"):
         raise SmoothPurifyError(f"reinit_classifier: the classifier ({type(module).__name__}) cannot be "
                                 "re-initialised (no reset_parameters)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed):
         module.reset_parameters()
 
 
