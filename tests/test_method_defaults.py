@@ -25,7 +25,9 @@ def test_translation_clips_every_tuning_preset_and_params_still_win():
 def test_each_modality_s_own_recommended_setting():
     own = _settings({}, "recommended", "translation")
     assert (own["reinit_classifier"], own["distill_weight"], own["feature_shift_weight"], own["lr"]) == (False, 0.0, 0.0, 0.01)
-    assert _settings({}, "recommended", "video")["distill_weight"] == 10.0
+    video = _settings({}, "recommended", "video")
+    assert (video["distill_weight"], video["batch_size"]) == (10.0, 32)
+    assert _settings({}, "recommended", "image")["batch_size"] == 128
     multilabel = _settings({}, "recommended", "multilabel")
     assert (multilabel["feature_shift_weight"], multilabel["distill_weight"], multilabel["overlay_max"]) == (1.0, 1.0, 0.0)
     assert multilabel["epochs"] == 100

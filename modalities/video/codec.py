@@ -3,7 +3,8 @@ sample frames uniformly in time and resize.
 
 Clips are ``uint8`` arrays ``[T, H, W, C]`` with ``C`` 1 (grey) or 3 (RGB). Two codecs:
 
-* ``h264`` (``.mp4``, libx264, ``crf`` 10, yuv420p): lossy, what real datasets look like. A grey
+* ``h264`` (``.mp4``, libx264, ``crf`` 10, yuv420p, one thread, no macroblock tree): lossy, what real
+  datasets look like; an encode repeats byte for byte. A grey
   clip keeps its values in the luma plane (chroma is constant), so the loss is the codec's
   quantisation only.
 * ``ffv1`` (``.avi``): lossless; used where the exact pixels matter (``smoothpurify poison`` writes
@@ -26,7 +27,11 @@ import torch.nn.functional as F
 
 from smoothpurify import SmoothPurifyError
 
-CODECS = {"h264": (".mp4", "libx264", {"crf": "10", "preset": "medium"}),
+# x264's macroblock-tree rate control gave a different stream for about 1 clip in 60 from one encode
+# of the same frames to the next (tiny frames, more often under load), so the composed data and every
+# model trained on it changed from run to run; without it, and on one thread, an encode repeats byte
+# for byte (tests/test_video.py).
+CODECS = {"h264": (".mp4", "libx264", {"crf": "10", "preset": "medium", "x264-params": "threads=1:mbtree=0"}),
           "ffv1": (".avi", "ffv1", {})}
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg"}
 
