@@ -25,9 +25,6 @@ class MethodConfig(BaseModel):
     tune_norm: bool = False
     cache_features: bool = True          # last_layer: compute backbone features once
     reinit_classifier: bool = False      # FT-init / FST: start from a freshly initialised classifier
-    # full: the first N epochs tune the classifier alone, the rest everything (LP-FT, Kumar et al.,
-    # ICLR 2022: a fresh head's first gradients distort the features it is put on)
-    head_warmup_epochs: int = Field(0, ge=0)
     # objective: NLL + trace_weight * Tr(F) (every trace_every steps) + anchor_weight / 2 * L_r
     #            + feature_shift_weight * <W_c, W_c_orig>  (FST, Min et al. 2023)
     trace_weight: float = Field(0.0, ge=0)       # eta_F

@@ -194,12 +194,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         acc = dataclasses.replace(acc, autocast=None, compile=False)
     batch_size = cfg.batch_size or len(targets)
     t0 = time.perf_counter()
-    uses_head = (cfg.reinit_classifier or cfg.feature_shift_weight > 0 or cfg.project_classifier_norm
-                 or cfg.head_warmup_epochs > 0)
-    if cfg.head_warmup_epochs and (cfg.parametrization != "full" or cfg.trace_weight > 0
-                                   or cfg.optimizer not in ("sgd", "adam")):
-        raise SmoothPurifyError(f"{cfg.name}: head_warmup_epochs freezes the rest of a full model for a while; "
-                                "it needs parametrization full, optimizer sgd or adam and no trace term")
+    uses_head = cfg.reinit_classifier or cfg.feature_shift_weight > 0 or cfg.project_classifier_norm
     if uses_head and cfg.parametrization == "spectral":
         raise SmoothPurifyError(f"{cfg.name}: reinit_classifier / feature_shift_weight / project_classifier_norm "
                                 "need the classifier's weight itself (parametrization full or last_layer)")
@@ -271,12 +266,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     do_augment = cfg.augment and augment is not None and not cached
     bar = tqdm(total=steps_total, desc=f"purify {cfg.name}", disable=None if progress else True, leave=False)
     t1 = time.perf_counter()
-    # Frozen parameters get no gradient, so SGD and Adam leave them (and their momentum) untouched.
-    backbone = [p for p in params.values() if not any(p is q for q in head.parameters())] if head else []
     for epoch, order in enumerate(_epochs(cfg, n, batch_size, gen), start=1):
-        if cfg.head_warmup_epochs:
-            for p in backbone:
-                p.requires_grad_(epoch > cfg.head_warmup_epochs)
         part_sums.append({})
         tuned.train()
         if cfg.bn_mode == "eval":
@@ -313,8 +303,6 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             curves.append({"epoch": epoch, "val_loss": val_loss[-1], **evaluate(tuned.model)})
             eval_seconds += time.perf_counter() - te
     bar.close()
-    for p in backbone:
-        p.requires_grad_(True)
     tuning_seconds = time.perf_counter() - t1 - eval_seconds
     tuned.eval()
     merged = tuned.merge().eval()

@@ -288,21 +288,3 @@ def test_a_purification_repeats_bit_for_bit_whatever_the_global_generator_holds(
     after = torch.rand(1)
     torch.manual_seed(2)
     assert torch.equal(after, torch.rand(1))       # the caller's generator is left where it was
-
-
-def test_head_warmup_tunes_the_classifier_alone_for_its_epochs_then_everything():
-    model, (x, y) = TinyCNN(), toy_data()
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def tuned(epochs):
-        cfg = method_config("fst", {"epochs": epochs, "batch_size": 16, "head_warmup_epochs": 2, "augment": False,
-                                    "weight_decay": 5e-4})
-        return purify(model, x, y, Categorical(), cfg, seed=0, progress=False).model.state_dict()
-
-    warm = tuned(2)
-    assert all(torch.equal(warm[k], start[k]) for k in ("conv.weight", "conv.bias", "bn.weight", "bn.bias"))
-    assert not torch.equal(warm["head.weight"], start["head.weight"])
-    assert not torch.equal(tuned(3)["conv.weight"], start["conv.weight"])   # the third epoch tunes everything
-    for bad in ({"parametrization": "spectral"}, {"trace_weight": 1e-3}, {"optimizer": "sam"}):
-        with pytest.raises(SmoothPurifyError, match="head_warmup_epochs"):
-            purify(model, x, y, Categorical(), method_config("ft", {"head_warmup_epochs": 1, **bad}), progress=False)
