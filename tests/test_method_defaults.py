@@ -27,7 +27,9 @@ def test_each_modality_s_own_recommended_setting():
     assert (own["reinit_classifier"], own["distill_weight"], own["feature_shift_weight"], own["lr"]) == (False, 0.0, 0.0, 0.01)
     video = _settings({}, "recommended", "video")
     assert (video["distill_weight"], video["batch_size"]) == (10.0, 32)
-    assert _settings({}, "recommended", "image")["batch_size"] == 128
+    assert _settings({}, "recommended", "image")["batch_size"] == 32
+    assert _settings({}, "recommended", None)["batch_size"] == 128                 # the preset itself
+    assert _settings({}, "fst-kd-overlay-light", "image")["batch_size"] == 128     # only `recommended` moved
     multilabel = _settings({}, "recommended", "multilabel")
     assert (multilabel["feature_shift_weight"], multilabel["distill_weight"], multilabel["overlay_max"]) == (1.0, 1.0, 0.0)
     assert multilabel["epochs"] == 100
@@ -36,5 +38,5 @@ def test_each_modality_s_own_recommended_setting():
 
 
 def test_a_modality_without_defaults_gives_none():
-    assert method_defaults(get_modality("image"), "recommended") == {}
+    assert method_defaults(get_modality("image"), "fst-kd") == {}
     assert method_defaults(object(), "recommended") == {}

@@ -31,6 +31,11 @@ class ImageModality(ClassifierModality):
                           "attack": {"target_label": 0, "poison_rate": 0.1},
                           "train": {"epochs": 3, "lr": 0.05, "batch_size": 64}}
 
+    # `recommended` in batches of 32 (the preset's 128 elsewhere): four times the steps from the same
+    # 600 clean images kept about half a point more accuracy at equal removal. Chosen on three draws of
+    # the purification matrix by rules written before each run: README, "Seventh pass".
+    method_defaults = {"recommended": {"batch_size": 32}}
+
     def create_model(self, name: str, **kwargs: Any):
         return create_model(name, **kwargs)
 

@@ -44,10 +44,11 @@ class VideoModality(ClassifierModality):
                           "attack": {"target_label": 0, "poison_rate": 0.1, "options": {"badnets": {"size": 3}}},
                           "train": {"epochs": 6, "lr": 0.05, "batch_size": 32}}
 
-    # `recommended` with a stronger teacher (distillation weight 10, images 3) and batches of 32 (128
-    # elsewhere): its fresh classifier is re-learnt from ~200 clips, the teacher is what gives the accuracy
-    # back; smaller batches kept more of it on both selection models (more epochs at 128 did not). Both
-    # chosen on other backdoored models (seeds 1 and 2), never on the pipeline's: README, "Video".
+    # `recommended` with a stronger teacher (distillation weight 10, images 3) and batches of 32 (the
+    # preset's 128; images moved to 32 later, on their own matrix): its fresh classifier is re-learnt
+    # from ~200 clips, the teacher is what gives the accuracy back; smaller batches kept more of it on
+    # both selection models (more epochs at 128 did not). Both chosen on other backdoored models (seeds
+    # 1 and 2), never on the pipeline's: README, "Video".
     method_defaults = {"recommended": {"distill_weight": 10.0, "batch_size": 32}}
 
     def model_kwargs(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
