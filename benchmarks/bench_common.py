@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,18 @@ def link_cache(run_dir: Path) -> None:
     if demo.is_dir() and not bench.exists():
         bench.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(demo.resolve(), bench)
+
+
+def code_state() -> str:
+    """The commit a benchmark process runs, with ``+dirty`` when tracked files differ from it: a row
+    measured while the working tree was being edited is then visible in its record."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return "unknown (no git)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_common import link_cache, parse_set  # noqa: E402
+from benchmarks.bench_common import code_state, link_cache, parse_set  # noqa: E402
 
 ATTACKS = ["badnets", "blend", "trojan", "sig", "wanet", "dynamic"]
 METHODS = ["recommended", "fst-kd", "fst-kd-overlay", "fst-lr0.005", "fst", "ft-init", "ft", "ft-sam", "ft-sam-sft", "sft", "sft-authors", "fsft", "ngf",
@@ -74,6 +74,11 @@ def to_markdown(store: dict) -> str:
     for s in summary(rows, methods):
         lines.append(f"| {s['method']} | {s['attacks']} | {s['mean_asr']:.1%} | {s['mean_acc_drop'] * 100:.1f} | "
                      f"{s['goal_met']}/{s['attacks']} | {s['diverged']} | {s['mean_seconds']:.1f} |")
+    codes = sorted({c["code"] for r in rows.values() for m, c in r.items() if m != "none" and "code" in c})
+    if codes:
+        warn = [" **Cells from different code.**"] if len(codes) > 1 else []
+        warn += [" **Some ran on a working tree with uncommitted edits.**"] if any(c.endswith("+dirty") for c in codes) else []
+        lines += ["", "Code of the cells (commit; `+dirty`: tracked files edited): " + ", ".join(codes) + "." + "".join(warn)]
     lines += ["", "Settings per method (after params.yaml's `purify.common` / `overrides`):", ""]
     for name, opts in sorted(meta["settings"].items()):
         lines.append(f"- `{name}`: `{json.dumps(opts, sort_keys=True)}`")
@@ -142,6 +147,7 @@ def run_row(args, attack: str) -> None:
     link_cache(Path(args.run_dir))
     data = pipeline.prepare("image", params)
     t0 = time.perf_counter()
+    code = code_state()  # what this process imported; a tree edited later does not change it
     pipeline.train_attack("image", params, attack, progress=False)
     print(f"{attack}: model ready ({time.perf_counter() - t0:.0f} s)", flush=True)
     json_path = Path(args.out).with_suffix(".json")
@@ -162,7 +168,7 @@ def run_row(args, attack: str) -> None:
         row = store["rows"].setdefault(attack, {})
         row["none"] = {k: rec["before"][k] for k in ("asr", "acc", "ra")}
         row[method] = {**{k: rec["after"][k] for k in ("asr", "acc", "ra")}, "seconds": rec["seconds"],
-                       "diverged": bool(rec.get("diverged"))}
+                       "diverged": bool(rec.get("diverged")), "code": code}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(store, indent=2, sort_keys=True) + "\n")
         json_path.with_suffix(".md").write_text(to_markdown(store))
