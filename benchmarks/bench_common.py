@@ -38,13 +38,14 @@ def link_cache(run_dir: Path) -> None:
 
 
 def code_state() -> str:
-    """The commit a benchmark process runs, with ``+dirty`` when tracked files differ from it: a row
-    measured while the working tree was being edited is then visible in its record."""
+    """The commit a benchmark process runs, with ``+dirty`` when tracked code (``*.py``) or params.yaml
+    differ from it: a row measured while the working tree was being edited is then visible in its
+    record. Results, dvc.lock and docs are left out: the benchmarks themselves rewrite them."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
     try:
         head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "params.yaml")
     except OSError:
         return "unknown (no git)"
     if head.returncode != 0:

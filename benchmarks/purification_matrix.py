@@ -78,7 +78,7 @@ def to_markdown(store: dict) -> str:
     if codes:
         warn = [" **Cells from different code.**"] if len(codes) > 1 else []
         warn += [" **Some ran on a working tree with uncommitted edits.**"] if any(c.endswith("+dirty") for c in codes) else []
-        lines += ["", "Code of the cells (commit; `+dirty`: tracked files edited): " + ", ".join(codes) + "." + "".join(warn)]
+        lines += ["", "Code of the cells (commit; `+dirty`: code or params.yaml edited): " + ", ".join(codes) + "." + "".join(warn)]
     lines += ["", "Settings per method (after params.yaml's `purify.common` / `overrides`):", ""]
     for name, opts in sorted(meta["settings"].items()):
         lines.append(f"- `{name}`: `{json.dumps(opts, sort_keys=True)}`")

@@ -32,7 +32,7 @@ def test_code_state_names_the_checked_out_commit():
 
 def test_the_table_warns_when_cells_come_from_different_or_edited_code():
     same = to_markdown(_store({"badnets": "0123456789ab", "blend": "0123456789ab"}))
-    assert "Code of the cells (commit; `+dirty`: tracked files edited): 0123456789ab." in same
+    assert "Code of the cells (commit; `+dirty`: code or params.yaml edited): 0123456789ab." in same
     assert "**" not in same.split("Code of the cells")[1].splitlines()[0]
     mixed = to_markdown(_store({"badnets": "0123456789ab", "blend": "0123456789ab+dirty"}))
     line = mixed.split("Code of the cells")[1].splitlines()[0]
