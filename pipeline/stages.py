@@ -98,10 +98,22 @@ def _backdoored_metrics(run: Run, attack: str) -> dict[str, float] | None:
 
 def method_overrides(params: dict[str, Any], method: str, modality: str | None = None) -> dict[str, Any]:
     """The modality's own settings of the preset (``method_defaults``), then params.yaml's
-    ``purify.common``, then ``purify.overrides.<method>``."""
+    ``purify.common`` (unless ``purify.common_skips`` lists the preset), then ``purify.overrides.<method>``.
+
+    ``common_skips`` exists for a preset with its own schedule (``recommended``: the preset's 100 epochs,
+    or its modality's own, video's 150) that a profile's blanket ``common`` (the smoke profile's 20 epochs
+    for the papers' presets) must not shorten."""
     section = params.get("purify", {}) or {}
+    skips = section.get("common_skips") or []
+    if not isinstance(skips, list) or not all(isinstance(s, str) for s in skips):
+        raise SmoothPurifyError(f"params.yaml purify.common_skips: a list of preset names, got {skips!r}")
+    unknown = [s for s in skips if s not in PRESETS]
+    if unknown:
+        raise SmoothPurifyError(f"params.yaml purify.common_skips: unknown preset {unknown[0]!r}; choose among: "
+                                f"{', '.join(PRESETS)}")
     own = method_defaults(get_modality(modality), method) if modality else {}
-    return {**own, **(section.get("common") or {}), **((section.get("overrides") or {}).get(method) or {})}
+    common = {} if method in skips else (section.get("common") or {})
+    return {**own, **common, **((section.get("overrides") or {}).get(method) or {})}
 
 
 def check_names(modality: str, params: dict[str, Any], attacks: list[str], methods: list[str]) -> None:
