@@ -276,8 +276,9 @@ def scan_command(
     normalize: Optional[str] = typer.Option(None, help="per-channel MEAN,STD your model expects"),
     steps: int = typer.Option(120, help="optimisation steps per class of the trigger searches"),
     margin_steps: int = typer.Option(600, help="Adam steps per class of the maximum-margin statistic"),
+    per_sample_steps: int = typer.Option(100, help="DDN steps per class of the per-sample family"),
     families: Optional[str] = typer.Option(None, help="comma-separated families to search (images: mask, "
-                                                      "additive, margin; default: all of the modality's)"),
+                                                      "additive, margin, per-sample; default: all of the modality's)"),
     modality: str = ModalityOpt,
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0),
@@ -296,11 +297,14 @@ def scan_command(
         raise SmoothPurifyError("--steps must be at least 10 (the trigger cost is adapted every 10 steps)")
     if margin_steps < 1:
         raise SmoothPurifyError("--margin-steps must be at least 1")
+    if per_sample_steps < 1:
+        raise SmoothPurifyError("--per-sample-steps must be at least 1")
     mod = _modality(modality)
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
     net = load_user_model(mod, checkpoint, model, num_classes, clean)
     try:
-        result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps, margin_steps=margin_steps),
+        result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps, margin_steps=margin_steps,
+                                                                             per_sample_steps=per_sample_steps),
                             seed=seed, device=device, reference=reference,
                             families=[f.strip() for f in families.split(",")] if families else None)
     except ValueError as err:

@@ -5,7 +5,9 @@ without it, inputs shaped like images or clips (``[..., C, H, W]``) are searched
 Cleanse's mask and pattern (a patch: BadNets, Trojan, a warp's local edits) and a universal additive
 perturbation (a whole-image blend or signal: Blend, SIG), and anything else with the additive one.
 Every continuous input also gets MM-BD's maximum-margin statistic (``margin``), which assumes no
-trigger shape (an input-specific trigger, a warp) and uses only the clean inputs' range.
+trigger shape (an input-specific trigger, a warp) and uses only the clean inputs' range, and the
+per-sample family (``per-sample``: the median minimal perturbation to each class, input by input),
+which weighs most in what a purification removed (:func:`removal`).
 ``scan_model`` is what ``smoothpurify scan``, ``purify --scan`` and ``--method auto`` run; it writes
 ``scan.json`` and a figure of the synthesised triggers per family.
 """
@@ -25,6 +27,7 @@ from pipeline.run import Run
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import atomic_write, write_json
 from smoothpurify.max_margin import MaxMargin
+from smoothpurify.per_sample import PerSample
 from smoothpurify.scan import (Additive, ClassTrigger, CombinedScan, MaskPattern, ScanResult, ScanSettings, TriggerFamily,
                                scan_families)
 from smoothpurify.scan_reference import ReferencedScan, ReferenceTraining, train_reference
@@ -33,9 +36,9 @@ from smoothpurify.scan_reference import ReferencedScan, ReferenceTraining, train
 def trigger_families(mod: Modality, example: torch.Tensor) -> dict[str, TriggerFamily]:
     own = getattr(mod, "scan_family", None)
     if own is not None:
-        return {"own": own(), "margin": MaxMargin()}
+        return {"own": own(), "margin": MaxMargin(), "per-sample": PerSample()}
     shaped = {"mask": MaskPattern(), "additive": Additive()} if example.dim() >= 3 else {"additive": Additive()}
-    return {**shaped, "margin": MaxMargin()}
+    return {**shaped, "margin": MaxMargin(), "per-sample": PerSample()}
 
 
 def scan_model(mod: Modality, model: nn.Module, clean: tuple[torch.Tensor, torch.Tensor], num_classes: int, *,
@@ -217,10 +220,11 @@ def scan_lines(result: CombinedScan, label: str) -> list[str]:
 
 def scan_settings(params: dict[str, Any]) -> dict[str, Any]:
     """params.yaml's ``scan`` section with its defaults: ``enabled`` (false), ``steps`` (120, the trigger
-    searches), ``margin_steps`` (600, the maximum-margin statistic), ``families`` (null: all of the
-    modality's)."""
-    keys = ("enabled", "steps", "margin_steps", "families")
-    section = {"enabled": False, "steps": 120, "margin_steps": 600, "families": None, **(params.get("scan") or {})}
+    searches), ``margin_steps`` (600, the maximum-margin statistic), ``per_sample_steps`` (100, the
+    per-sample family), ``families`` (null: all of the modality's)."""
+    keys = ("enabled", "steps", "margin_steps", "per_sample_steps", "families")
+    section = {"enabled": False, "steps": 120, "margin_steps": 600, "per_sample_steps": 100, "families": None,
+               **(params.get("scan") or {})}
     unknown = sorted(set(section) - set(keys))
     if unknown:
         raise SmoothPurifyError(f"params scan: unknown key(s) {', '.join(unknown)} ({', '.join(keys)})")
@@ -228,6 +232,8 @@ def scan_settings(params: dict[str, Any]) -> dict[str, Any]:
         raise SmoothPurifyError("params scan.steps must be at least 10 (the trigger cost is adapted every 10 steps)")
     if int(section["margin_steps"]) < 1:
         raise SmoothPurifyError("params scan.margin_steps must be at least 1")
+    if int(section["per_sample_steps"]) < 1:
+        raise SmoothPurifyError("params scan.per_sample_steps must be at least 1")
     return section
 
 
@@ -257,7 +263,8 @@ def scan_stage(modality: str, params: dict[str, Any], attack: str, model_name: s
         write_json(path, record)
         return record
     result = scan_model(mod, model, (x, y), int(run.data_meta().get("num_classes") or int(y.max()) + 1),
-                        settings=ScanSettings(steps=int(settings["steps"]), margin_steps=int(settings["margin_steps"])),
+                        settings=ScanSettings(steps=int(settings["steps"]), margin_steps=int(settings["margin_steps"]),
+                                              per_sample_steps=int(settings["per_sample_steps"])),
                         seed=run.seed, device=run.device,
                         progress=progress, families=settings["families"])
     slug = path.stem[len(attack) + 1:]  # backdoored | purified-<method>

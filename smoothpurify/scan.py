@@ -115,6 +115,7 @@ class ScanSettings:
     adapt_every: int = 10       # steps between lambda updates
     threshold: float = FLAG_THRESHOLD
     margin_steps: int = 600     # Adam steps per class of the maximum-margin statistic (smoothpurify.max_margin)
+    per_sample_steps: int = 100  # DDN steps per class of the per-sample family (smoothpurify.per_sample)
 
 
 @dataclass

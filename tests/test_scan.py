@@ -151,7 +151,7 @@ def test_scan_command_writes_its_record_and_figure(outside_checkpoint):  # noqa:
                          timeout=300)
     assert out.returncode == 0, out.stderr
     record = json.loads((d / "scan" / "scan.json").read_text())
-    assert set(record["families"]) == {"mask", "additive", "margin"} and "risk" in record
+    assert set(record["families"]) == {"mask", "additive", "margin", "per-sample"} and "risk" in record
     for fam in record["families"].values():
         assert len(fam["sizes"]) == 10 and len(fam["anomaly"]) == 10
     assert record["max_anomaly"] == max(f["max_anomaly"] for f in record["families"].values())
@@ -215,8 +215,8 @@ def test_the_pipeline_scans_every_continuous_input_with_the_margin_family_too():
     class Plain:
         pass
 
-    assert list(trigger_families(Plain(), torch.zeros(1, 8, 8))) == ["mask", "additive", "margin"]
-    assert list(trigger_families(Plain(), torch.zeros(16, 3))) == ["additive", "margin"]
+    assert list(trigger_families(Plain(), torch.zeros(1, 8, 8))) == ["mask", "additive", "margin", "per-sample"]
+    assert list(trigger_families(Plain(), torch.zeros(16, 3))) == ["additive", "margin", "per-sample"]
     assert isinstance(trigger_families(Plain(), torch.zeros(3))["margin"], MaxMargin)
 
 

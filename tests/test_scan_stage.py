@@ -23,11 +23,11 @@ def test_scan_stage_off_then_on_and_in_the_report(tiny_params):
     assert scan_stage("image", params, "badnets", "backdoored") == {"enabled": False}
     assert json.loads(run.scan_record("badnets", "backdoored").read_text()) == {"enabled": False}
 
-    params["scan"] = {"enabled": True, "steps": 10, "margin_steps": 5}
+    params["scan"] = {"enabled": True, "steps": 10, "margin_steps": 5, "per_sample_steps": 5}
     before = scan_stage("image", params, "badnets", "backdoored", progress=False)
     after = scan_stage("image", params, "badnets", "purified/ft", progress=False)
     for rec in (before, after):
-        assert rec["enabled"] and set(rec["families"]) == {"mask", "additive", "margin"}
+        assert rec["enabled"] and set(rec["families"]) == {"mask", "additive", "margin", "per-sample"}
         assert len(rec["families"]["margin"]["margins"]) == 10
         assert rec["max_anomaly"] == max(f["max_anomaly"] for f in rec["families"].values())
         assert all(len(f["anomaly"]) == 10 for f in rec["families"].values())
@@ -47,7 +47,8 @@ def test_scan_stage_off_then_on_and_in_the_report(tiny_params):
 
 
 @pytest.mark.parametrize("section,msg", [({"steps": 5}, "at least 10"), ({"when": 1}, "unknown key"),
-                                         ({"margin_steps": 0}, "margin_steps must be at least 1")])
+                                         ({"margin_steps": 0}, "margin_steps must be at least 1"),
+                                         ({"per_sample_steps": 0}, "per_sample_steps must be at least 1")])
 def test_a_bad_scan_section_is_one_clear_error(section, msg):
     with pytest.raises(SmoothPurifyError, match=msg):
         scan_settings({"scan": section})
