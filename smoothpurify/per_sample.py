@@ -80,13 +80,15 @@ class PerSample:
             for t in tqdm(range(num_classes), desc="scan: per-sample", disable=None if progress else True, leave=False):
                 others = torch.nonzero(targets.cpu() != t).flatten()
                 idx = others[torch.randperm(len(others), generator=gen)[:self.inputs]]
-                if len(idx) == 0:
-                    triggers.append(ClassTrigger(t, math.inf, 0.0, {}))
+                if len(idx) == 0:  # no clean input outside class t: nothing to measure
+                    blank = torch.zeros_like(inputs[0]).cpu()
+                    triggers.append(ClassTrigger(t, math.inf, 0.0, {"delta": blank, "trigger": blank + 0.5}))
                     continue
                 norms, deltas = min_norms(model, inputs[idx].to(device), t, settings.per_sample_steps)
                 size = float(norms.median().cpu())   # torch's median of an even count: the lower middle
                 reached = float(torch.isfinite(norms).float().mean())
-                i = int((norms - size).abs().argmin())
+                # the picture: the perturbation of the input at the median (any reached one if the median is inf)
+                i = int((norms - size).abs().argmin()) if math.isfinite(size) else int(norms.argmin())
                 d = deltas[i].detach().cpu()
                 picture = {"delta": d, "trigger": 0.5 + d / (2 * d.abs().max().clamp_min(1e-12))}
                 triggers.append(ClassTrigger(t, size, reached, picture))

@@ -55,6 +55,7 @@ def test_the_family_s_size_is_the_median_distance_of_other_classes_inputs():
     idx = torch.randperm(len(x), generator=gen)[:16]
     exact = (-(x[idx] @ w - 1.0) / w.norm()).median()
     assert result.triggers[0].size == math.inf              # no input outside class 0
+    assert result.triggers[0].picture["trigger"].shape == x[0].shape   # still something to draw
     assert abs(result.triggers[1].size - float(exact)) <= 0.05 * float(exact)
     assert result.triggers[1].success == 1.0
 
