@@ -283,6 +283,14 @@ def scan_command(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0),
     reference: bool = ReferenceOpt,
+    purify: bool = typer.Option(False, "--purify", help="also purify a copy (`recommended`) on the clean data, "
+                                "scan it and judge what the purification removed (the strongest evidence; "
+                                "the copy is kept as OUT_DIR/purified.safetensors)"),
+    purify_method: str = typer.Option("recommended", help="with --purify: the purification method"),
+    epochs: Optional[int] = typer.Option(None, help="with --purify: tuning epochs (default: the preset's)"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="with --purify: the modality's shifts during tuning (default: on); "
+                                                "off where a shift changes the label"),
 ) -> None:
     """Does this model hold a backdoor, and to which class? From the model and clean data alone
     (Neural Cleanse: the smallest trigger per class, as a mask and pattern and as an additive
@@ -299,12 +307,24 @@ def scan_command(
         raise SmoothPurifyError("--margin-steps must be at least 1")
     if per_sample_steps < 1:
         raise SmoothPurifyError("--per-sample-steps must be at least 1")
+    if (epochs is not None or augment is not None) and not purify:
+        raise SmoothPurifyError("--epochs and --augment/--no-augment go with --purify")
+    if epochs is not None and epochs < 1:
+        raise SmoothPurifyError("--epochs must be at least 1")
+    from smoothpurify.methods import PRESETS
+
+    if purify and purify_method not in PRESETS:
+        raise SmoothPurifyError(f"--purify-method {purify_method!r}: choose a tuning preset ({', '.join(PRESETS)})")
+    if purify:  # before any search: an output that cannot be written fails now, not after minutes
+        from pipeline.own_checkpoint import check_out
+
+        check_out(out_dir / "purified.safetensors", checkpoint)
     mod = _modality(modality)
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
     net = load_user_model(mod, checkpoint, model, num_classes, clean)
     try:
-        result = scan_model(mod, net, clean, num_classes, settings=ScanSettings(steps=steps, margin_steps=margin_steps,
-                                                                             per_sample_steps=per_sample_steps),
+        settings = ScanSettings(steps=steps, margin_steps=margin_steps, per_sample_steps=per_sample_steps)
+        result = scan_model(mod, net, clean, num_classes, settings=settings,
                             seed=seed, device=device, reference=reference,
                             families=[f.strip() for f in families.split(",")] if families else None)
     except ValueError as err:
@@ -313,6 +333,37 @@ def scan_command(
     typer.echo("\n".join(scan_lines(result, checkpoint.name)))
     typer.echo(f"record: {out_dir / 'scan.json'}" + (f"; triggers: {', '.join(record['figures'])}"
                                                      if record.get("figures") else ""))
+    if purify:
+        _scan_what_purification_removes(mod, checkpoint, model, num_classes, clean, result, out_dir,
+                                        method=purify_method,
+                                        tuning={k: v for k, v in (("epochs", epochs), ("augment", augment)) if v is not None},
+                                        settings=settings, seed=seed, device=device, reference=reference,
+                                        families=families)
+
+
+def _scan_what_purification_removes(mod, checkpoint: Path, model: str, num_classes: int, clean, received, out_dir: Path,
+                                    *, method: str, tuning: dict, settings, seed: int, device: str, reference: bool, families) -> None:
+    """``scan --purify``: ``method`` (`recommended`) on a copy, its scan, and the received model's scan judged against it
+    (:func:`pipeline.scan.removal`), written to ``OUT_DIR/removed.json``."""
+    from modalities.contract import method_defaults
+    from pipeline.own_checkpoint import load_user_model, purify_checkpoint
+    from pipeline.scan import removal, removal_line, save_scan, scan_lines, scan_model
+    from smoothpurify.checkpoint import write_json
+    from smoothpurify.runner import make_runner
+
+    _, runner = make_runner(method, {**method_defaults(mod, method), **tuning})
+    out = out_dir / "purified.safetensors"
+    purify_checkpoint(mod, checkpoint=checkpoint, model_spec=model, num_classes=num_classes, clean=clean,
+                      method_runner=runner, out=out, seed=seed, device=device,
+                      warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    purified = scan_model(mod, load_user_model(mod, out, model, num_classes, clean), clean, num_classes,
+                          settings=settings, seed=seed, device=device, reference=reference,
+                          families=[f.strip() for f in families.split(",")] if families else None)
+    save_scan(purified, out_dir / "purified", "the purified copy")
+    typer.echo("\n".join(scan_lines(purified, f"purified copy ({method})")))
+    removed = removal(received, purified)
+    write_json(out_dir / "removed.json", removed.to_record())
+    typer.echo("what the purification removed: " + removal_line(removed))
 
 
 def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:

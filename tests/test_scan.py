@@ -234,3 +234,21 @@ def test_the_largest_anomaly_of_ten_normal_classes_often_exceeds_the_flag():
     # and the thresholds that would flag at most 5 % of clean models: ~3.9 (one family), ~5.3 (three)
     assert 3.6 < float(largest.quantile(0.95)) < 4.2
     assert 4.8 < float(largest.quantile(1 - 0.05 / 3)) < 5.9
+
+
+def test_scan_purify_judges_what_a_purification_removes(outside_checkpoint):  # noqa: F811
+    d = outside_checkpoint
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors", "--model",
+            "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz", "--steps", "10", "--margin-steps",
+            "5", "--per-sample-steps", "5", "--out-dir", "scan"]
+    out = subprocess.run(base + ["--purify", "--purify-method", "ft", "--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    removed = json.loads((d / "scan" / "removed.json").read_text())
+    assert removed["reference"] == "the purified model" and len(removed["combined"]) == 10
+    assert set(removed["families"]) == {"mask", "additive", "margin", "per-sample"}
+    assert (d / "scan" / "purified.safetensors").is_file() and (d / "scan" / "purified" / "scan.json").is_file()
+    line = next(l for l in out.stdout.splitlines() if l.startswith("what the purification removed: "))
+    assert ("the purification removed it" in line) == removed["flagged"]
+    bad = subprocess.run(base + ["--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "go with --purify" in bad.stderr
