@@ -249,21 +249,10 @@ def purify(
     kind = "checkpoint (diverged, kept)" if record.get("diverged") else "purified checkpoint"
     typer.echo(f"{kind}: {out} (record: {out.with_suffix('.record.json')})")
     if scan:
-        from pipeline.own_checkpoint import load_user_model
-        from pipeline.scan import removal, removal_line, save_scan, scan_lines, scanner
-        from smoothpurify.checkpoint import write_json
-        from smoothpurify.scan import residual, residual_line
+        from pipeline.scan_checkpoint import scan_before_after
 
-        scans, scan_one = {}, scanner(mod, clean, num_classes, reference=reference, seed=seed, device=device)
-        for label, path in (("received", checkpoint), ("purified", out)):
-            scans[label] = scan_one(load_user_model(mod, path, model, num_classes, clean))
-            save_scan(scans[label], out.parent / f"{out.stem}.scan-{label}", f"{label} model")
-            typer.echo("\n".join(scan_lines(scans[label], f"{label} model")))
-        typer.echo("before and after: " + residual_line(residual(scans["received"], scans["purified"]),
-                                                         scans["purified"].threshold))
-        removed = removal(scans["received"], scans["purified"])
-        write_json(out.parent / f"{out.stem}.scan-removed.json", removed.to_record())
-        typer.echo("what the purification removed: " + removal_line(removed))
+        scan_before_after(mod, checkpoint, out, model, num_classes, clean, seed=seed, device=device,
+                          reference=reference, echo=typer.echo)
 
 
 @app.command("scan")
@@ -296,8 +285,11 @@ def scan_command(
     (Neural Cleanse: the smallest trigger per class, as a mask and pattern and as an additive
     perturbation; MM-BD: the largest logit margin any input reaches per class; a class needing a much
     smaller trigger, or reaching a much larger margin, than the others is flagged)."""
-    from pipeline.own_checkpoint import check_device, load_user_model
-    from pipeline.scan import save_scan, scan_lines, scan_model
+    from modalities.contract import method_defaults
+    from pipeline.own_checkpoint import check_device, check_out
+    from pipeline.scan_checkpoint import scan_checkpoint
+    from smoothpurify.methods import PRESETS
+    from smoothpurify.runner import make_runner
     from smoothpurify.scan import ScanSettings
 
     check_device(device)
@@ -311,59 +303,23 @@ def scan_command(
         raise SmoothPurifyError("--epochs and --augment/--no-augment go with --purify")
     if epochs is not None and epochs < 1:
         raise SmoothPurifyError("--epochs must be at least 1")
-    from smoothpurify.methods import PRESETS
-
     if purify and purify_method not in PRESETS:
         raise SmoothPurifyError(f"--purify-method {purify_method!r}: choose a tuning preset ({', '.join(PRESETS)})")
     if purify:  # before any search: an output that cannot be written fails now, not after minutes
-        from pipeline.own_checkpoint import check_out
-
         check_out(out_dir / "purified.safetensors", checkpoint)
     mod = _modality(modality)
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
-    net = load_user_model(mod, checkpoint, model, num_classes, clean)
+    tuning = {k: v for k, v in (("epochs", epochs), ("augment", augment)) if v is not None}
+    runner = make_runner(purify_method, {**method_defaults(mod, purify_method), **tuning})[1] if purify else None
     try:
-        settings = ScanSettings(steps=steps, margin_steps=margin_steps, per_sample_steps=per_sample_steps)
-        result = scan_model(mod, net, clean, num_classes, settings=settings,
-                            seed=seed, device=device, reference=reference,
-                            families=[f.strip() for f in families.split(",")] if families else None)
+        scan_checkpoint(mod, checkpoint, model, num_classes, clean, out_dir,
+                        settings=ScanSettings(steps=steps, margin_steps=margin_steps, per_sample_steps=per_sample_steps),
+                        seed=seed, device=device, reference=reference,
+                        families=[f.strip() for f in families.split(",")] if families else None,
+                        purify_runner=runner, purify_label=purify_method, echo=typer.echo,
+                        warn=lambda m: typer.echo(f"warning: {m}", err=True))
     except ValueError as err:
         raise SmoothPurifyError(f"--families: {err}") from None
-    record = save_scan(result, out_dir, f"scan of {checkpoint.name}")
-    typer.echo("\n".join(scan_lines(result, checkpoint.name)))
-    typer.echo(f"record: {out_dir / 'scan.json'}" + (f"; triggers: {', '.join(record['figures'])}"
-                                                     if record.get("figures") else ""))
-    if purify:
-        _scan_what_purification_removes(mod, checkpoint, model, num_classes, clean, result, out_dir,
-                                        method=purify_method,
-                                        tuning={k: v for k, v in (("epochs", epochs), ("augment", augment)) if v is not None},
-                                        settings=settings, seed=seed, device=device, reference=reference,
-                                        families=families)
-
-
-def _scan_what_purification_removes(mod, checkpoint: Path, model: str, num_classes: int, clean, received, out_dir: Path,
-                                    *, method: str, tuning: dict, settings, seed: int, device: str, reference: bool, families) -> None:
-    """``scan --purify``: ``method`` (`recommended`) on a copy, its scan, and the received model's scan judged against it
-    (:func:`pipeline.scan.removal`), written to ``OUT_DIR/removed.json``."""
-    from modalities.contract import method_defaults
-    from pipeline.own_checkpoint import load_user_model, purify_checkpoint
-    from pipeline.scan import removal, removal_line, save_scan, scan_lines, scan_model
-    from smoothpurify.checkpoint import write_json
-    from smoothpurify.runner import make_runner
-
-    _, runner = make_runner(method, {**method_defaults(mod, method), **tuning})
-    out = out_dir / "purified.safetensors"
-    purify_checkpoint(mod, checkpoint=checkpoint, model_spec=model, num_classes=num_classes, clean=clean,
-                      method_runner=runner, out=out, seed=seed, device=device,
-                      warn=lambda m: typer.echo(f"warning: {m}", err=True))
-    purified = scan_model(mod, load_user_model(mod, out, model, num_classes, clean), clean, num_classes,
-                          settings=settings, seed=seed, device=device, reference=reference,
-                          families=[f.strip() for f in families.split(",")] if families else None)
-    save_scan(purified, out_dir / "purified", "the purified copy")
-    typer.echo("\n".join(scan_lines(purified, f"purified copy ({method})")))
-    removed = removal(received, purified)
-    write_json(out_dir / "removed.json", removed.to_record())
-    typer.echo("what the purification removed: " + removal_line(removed))
 
 
 def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:
