@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -57,13 +56,11 @@ def search(args) -> None:
 
 
 def table() -> str:
+    from benchmarks.scan_reference import recorded_scan, recorded_sizes
     from smoothpurify.scan import anomaly_index, family_threshold, log_sizes, mad_anomaly
-    from smoothpurify.scan_reference import null_threshold
+    from smoothpurify.scan_reference import ReferencedScan, null_threshold
 
-    sizes: dict[str, dict[str, list[float]]] = {}
-    for line in (RESULTS / "scan_reference.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        sizes.setdefault(r["name"], {})[r["family"]] = [math.inf if s is None else s for s in r["sizes"]]
+    sizes = recorded_sizes()[0]
     medians = {}
     for line in RECORDS.read_text().splitlines():
         r = json.loads(line)
@@ -106,11 +103,14 @@ def table() -> str:
         after = f"{name} after recommended"
         if after not in medians or after not in sizes:
             continue
-        rel = {f: mad_anomaly([a - b for a, b in zip(log_sizes(sizes[name][f]), log_sizes(sizes[after][f]))])
-               for f in ("mask", "additive", "margin")}
-        rel["per-sample"] = mad_anomaly([a - b for a, b in zip(log_sizes(medians[name]), log_sizes(medians[after]))])
-        four = [sum(rel[f][t] for f in rel) / 2 for t in range(10)]
-        three = [sum(rel[f][t] for f in ("mask", "additive", "margin")) / math.sqrt(3) for t in range(10)]
+        # the statistic `purify --scan` computes (pipeline.scan.removal), from the recorded sizes
+        fams = {m: {**{f: sizes[m][f] for f in ("mask", "additive", "margin")}, "per-sample": medians[m]}
+                for m in (name, after)}
+        judged = ReferencedScan(recorded_scan(fams[name], 0.0), recorded_scan(fams[after], 0.0))
+        rel = {f: r.anomaly for f, r in judged.results.items()}
+        four = judged.combined
+        three = ReferencedScan(*(recorded_scan({f: fams[m][f] for f in ("mask", "additive", "margin")}, 0.0)
+                                 for m in (name, after))).combined
         lines.append(f"| {name} | {cell(rel['mask'], 99)} | {cell(rel['additive'], 99)} | {cell(rel['margin'], 99)} | "
                      f"{cell(rel['per-sample'], z1)} | {cell(four, z4)} | {cell(three, null_threshold(10, 3))} |")
     return "\n".join(lines) + "\n"

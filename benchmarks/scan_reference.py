@@ -69,10 +69,8 @@ def scan_one(args) -> None:
         print(args.name, fam, f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def table() -> str:
-    from smoothpurify.scan import ClassTrigger, CombinedScan, ScanResult, family_threshold
-    from smoothpurify.scan_reference import ReferencedScan, null_threshold
-
+def recorded_sizes() -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """The records: ``{model: {family: sizes}}`` and each reference's test accuracy."""
     sizes: dict[str, dict[str, list[float]]] = {}
     acc: dict[str, float] = {}
     for line in (RESULTS / "scan_reference.jsonl").read_text().splitlines():
@@ -80,14 +78,29 @@ def table() -> str:
         sizes.setdefault(r["name"], {})[r["family"]] = [math.inf if s is None else s for s in r["sizes"]]
         if "ref_test_acc" in r:
             acc[r["name"]] = r["ref_test_acc"]
+    return sizes, acc
+
+
+def recorded_scan(fams: dict[str, list[float]], threshold: float):
+    """Recorded per-family sizes as the :class:`CombinedScan` they came from."""
+    from smoothpurify.scan import ClassTrigger, CombinedScan, ScanResult
+
+    return CombinedScan({f: ScanResult.judged([ClassTrigger(t, s, 1.0) for t, s in enumerate(v)], threshold, 0.0)
+                         for f, v in fams.items()})
+
+
+def table() -> str:
+    from smoothpurify.scan import CombinedScan, family_threshold
+    from smoothpurify.scan_reference import ReferencedScan, null_threshold
+
+    sizes, acc = recorded_sizes()
     per_family, z = family_threshold(2.0, 3), null_threshold(10, 3)
 
     def scanned(name: str) -> CombinedScan | None:  # the recorded sizes as the scan they came from
         fams = sizes.get(name)
         if not fams or set(fams) != set(FAMILIES):
             return None
-        return CombinedScan({f: ScanResult.judged([ClassTrigger(t, s, 1.0) for t, s in enumerate(fams[f])],
-                                                  per_family, 0.0) for f in FAMILIES})
+        return recorded_scan({f: fams[f] for f in FAMILIES}, per_family)
 
     def top(v: list[float]) -> str:
         i = max(range(len(v)), key=v.__getitem__)
