@@ -311,15 +311,12 @@ def scan_command(
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
     tuning = {k: v for k, v in (("epochs", epochs), ("augment", augment)) if v is not None}
     runner = make_runner(purify_method, {**method_defaults(mod, purify_method), **tuning})[1] if purify else None
-    try:
-        scan_checkpoint(mod, checkpoint, model, num_classes, clean, out_dir,
-                        settings=ScanSettings(steps=steps, margin_steps=margin_steps, per_sample_steps=per_sample_steps),
-                        seed=seed, device=device, reference=reference,
-                        families=[f.strip() for f in families.split(",")] if families else None,
-                        purify_runner=runner, purify_label=purify_method, echo=typer.echo,
-                        warn=lambda m: typer.echo(f"warning: {m}", err=True))
-    except ValueError as err:
-        raise SmoothPurifyError(f"--families: {err}") from None
+    scan_checkpoint(mod, checkpoint, model, num_classes, clean, out_dir,
+                    settings=ScanSettings(steps=steps, margin_steps=margin_steps, per_sample_steps=per_sample_steps),
+                    seed=seed, device=device, reference=reference,
+                    families=[f.strip() for f in families.split(",")] if families else None,
+                    purify_runner=runner, purify_label=purify_method, echo=typer.echo,
+                    warn=lambda m: typer.echo(f"warning: {m}", err=True))
 
 
 def _before_after(record: dict, metrics) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -93,7 +93,7 @@ def _families(mod: Modality, clean: tuple[Any, torch.Tensor], families: list[str
     """The families to search, or why these data cannot be scanned (before any training or search)."""
     x, y = clean
     if y.dim() != 1:
-        raise ValueError("the scan needs single-label clean data (one class per input)")
+        raise SmoothPurifyError("the scan needs single-label clean data (one class per input)")
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         # A trigger word is a discrete edit: the continuous search would have to run in the model's
         # embedding space and map back to tokens, which is not built.
@@ -103,7 +103,8 @@ def _families(mod: Modality, clean: tuple[Any, torch.Tensor], families: list[str
     if families:
         unknown = sorted(set(families) - set(chosen))
         if unknown:
-            raise ValueError(f"unknown trigger family {', '.join(unknown)}; this model's: {', '.join(chosen)}")
+            raise SmoothPurifyError(f"--families: unknown trigger family {', '.join(unknown)}; this model's: "
+                                    f"{', '.join(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in families}
     return chosen
 
@@ -194,7 +195,7 @@ def plot_triggers(result: ScanResult, path: Path, title: str = "") -> Path | Non
             ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title or f"synthesised triggers; flag at anomaly > {result.threshold:g}", fontsize=10)
+    fig.suptitle(title or f"synthesised triggers; flag at anomaly > {result.threshold:.2f}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -159,9 +159,9 @@ class ScanResult:
         a = self.anomaly[top]
         if self.flagged:
             return (f"high: class {top}'s trigger is {a:.1f} MADs smaller than the median class's "
-                    f"(flag at {self.threshold:g}); a backdoor to class {top} is likely")
+                    f"(flag at {self.threshold:.2f}); a backdoor to class {top} is likely")
         if a > self.threshold / 2:
-            return f"low to moderate: the most anomalous class ({top}) is at {a:.1f} MADs, under the flag at {self.threshold:g}"
+            return f"low to moderate: the most anomalous class ({top}) is at {a:.1f} MADs, under the flag at {self.threshold:.2f}"
         return f"low: no class needs a much smaller trigger than the others (largest anomaly {a:.1f})"
 
     def to_record(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from smoothpurify.scan import Additive, MaskPattern, ScanSettings, anomaly_index, scan
+from smoothpurify.scan import (Additive, ClassTrigger, MaskPattern, ScanResult, ScanSettings, anomaly_index,
+                               family_threshold, scan)
 from tests.test_cli_purify import outside_checkpoint  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,3 +253,12 @@ def test_scan_purify_judges_what_a_purification_removes(outside_checkpoint):  # 
     assert ("the purification removed it" in line) == removed["flagged"]
     bad = subprocess.run(base + ["--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "go with --purify" in bad.stderr
+
+
+def test_risk_prints_the_flag_with_two_decimals():
+    flag = family_threshold(2.0, 4)
+    sizes = [1.0] + [float(s) for s in range(40, 49)]
+    result = ScanResult.judged([ClassTrigger(t, s, 1.0) for t, s in enumerate(sizes)], flag, 0.0)
+    assert result.flagged and f"flag at {flag:.2f})" in result.risk() and f"{flag:g}" not in result.risk()
+    calm = ScanResult.judged([ClassTrigger(t, 40.0 + t, 1.0) for t in range(10)], flag, 0.0)
+    assert not calm.flagged and f"{flag:g}" not in calm.risk()
