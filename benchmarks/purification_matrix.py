@@ -117,6 +117,10 @@ CANDIDATES = {
     # batch-128 row is the preset (`fst-kd-overlay-light`).
     "cand-b32": ("recommended", {"batch_size": 32}),
     "cand-b64": ("recommended", {"batch_size": 64}),
+    # Eighth pass: a stronger shift at batch 32 (100 epochs as above; rules in
+    # results/purification_matrix_pass8_rules.md).
+    "cand-b32-a25": ("recommended", {"batch_size": 32, "feature_shift_weight": 2.5}),
+    "cand-b32-a3": ("recommended", {"batch_size": 32, "feature_shift_weight": 3.0}),
 }
 
 

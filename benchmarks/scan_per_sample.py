@@ -57,7 +57,7 @@ def search(args) -> None:
 
 # The purifications judged: record suffix ("<model> after <label>") -> what made them.
 PURIFIED = {"recommended": "`recommended` in batches of 128 (2026-11-28)",
-            "b32": "today's `recommended` (batches of 32; the seventh pass's `cand-b32` models)"}
+            "a25": "today's `recommended` (batches of 32, shift weight 2.5; the eighth pass's `cand-b32-a25` models)"}
 
 
 def removal_rows(names, label, what, sizes, medians, cell, z4, z1, thr4) -> list[str]:
