@@ -272,9 +272,10 @@ def scan_command(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     seed: int = typer.Option(0),
     reference: bool = ReferenceOpt,
-    purify: bool = typer.Option(False, "--purify", help="also purify a copy (`recommended`) on the clean data, "
-                                "scan it and judge what the purification removed (the strongest evidence; "
-                                "the copy is kept as OUT_DIR/purified.safetensors)"),
+    purify: bool = typer.Option(True, "--purify/--no-purify", help="also purify a copy (`recommended`) on the clean "
+                                "data, scan it and judge what the purification removed: the verdict that flagged no "
+                                "benign model (README); the copy is kept as OUT_DIR/purified.safetensors. "
+                                "--no-purify: the received model's scan alone (half the time; flags natural hubs)"),
     purify_method: str = typer.Option("recommended", help="with --purify: the purification method"),
     epochs: Optional[int] = typer.Option(None, help="with --purify: tuning epochs (default: the preset's)"),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
@@ -284,7 +285,8 @@ def scan_command(
     """Does this model hold a backdoor, and to which class? From the model and clean data alone
     (Neural Cleanse: the smallest trigger per class, as a mask and pattern and as an additive
     perturbation; MM-BD: the largest logit margin any input reaches per class; a class needing a much
-    smaller trigger, or reaching a much larger margin, than the others is flagged)."""
+    smaller trigger, or reaching a much larger margin, than the others is flagged). By default a copy is
+    also purified and scanned, and the verdict is what the purification removed."""
     from modalities.contract import method_defaults
     from pipeline.own_checkpoint import check_device, check_out
     from pipeline.scan_checkpoint import scan_checkpoint
@@ -300,7 +302,7 @@ def scan_command(
     if per_sample_steps < 1:
         raise SmoothPurifyError("--per-sample-steps must be at least 1")
     if (epochs is not None or augment is not None) and not purify:
-        raise SmoothPurifyError("--epochs and --augment/--no-augment go with --purify")
+        raise SmoothPurifyError("--epochs and --augment/--no-augment go with --purify (not with --no-purify)")
     if epochs is not None and epochs < 1:
         raise SmoothPurifyError("--epochs must be at least 1")
     if purify and purify_method not in PRESETS:

@@ -148,7 +148,7 @@ def test_scan_command_writes_its_record_and_figure(outside_checkpoint):  # noqa:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
                           "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
-                          "--steps", "20", "--margin-steps", "20", "--out-dir", "scan"], cwd=d, capture_output=True, text=True, env=env,
+                          "--steps", "20", "--margin-steps", "20", "--out-dir", "scan", "--no-purify"], cwd=d, capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     record = json.loads((d / "scan" / "scan.json").read_text())
@@ -160,10 +160,11 @@ def test_scan_command_writes_its_record_and_figure(outside_checkpoint):  # noqa:
     assert "backdoor risk" in out.stdout and "additive: anomaly index" in out.stdout
     one = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
                           "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
-                          "--steps", "10", "--families", "additive", "--out-dir", "one"], cwd=d, capture_output=True,
+                          "--steps", "10", "--families", "additive", "--out-dir", "one", "--no-purify"], cwd=d, capture_output=True,
                          text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
     assert list(json.loads((d / "one" / "scan.json").read_text())["families"]) == ["additive"]
+    assert not (d / "scan" / "purified.safetensors").exists() and not (d / "one" / "removed.json").exists()
     wrong = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
                             "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
                             "--families", "nope"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
@@ -243,7 +244,8 @@ def test_scan_purify_judges_what_a_purification_removes(outside_checkpoint):  # 
     base = [sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors", "--model",
             "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz", "--steps", "10", "--margin-steps",
             "5", "--per-sample-steps", "5", "--out-dir", "scan"]
-    out = subprocess.run(base + ["--purify", "--purify-method", "ft", "--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
+    # no --purify: purifying a copy is the scan's default
+    out = subprocess.run(base + ["--purify-method", "ft", "--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     removed = json.loads((d / "scan" / "removed.json").read_text())
     assert removed["reference"] == "the purified model" and len(removed["combined"]) == 10
@@ -251,7 +253,7 @@ def test_scan_purify_judges_what_a_purification_removes(outside_checkpoint):  # 
     assert (d / "scan" / "purified.safetensors").is_file() and (d / "scan" / "purified" / "scan.json").is_file()
     line = next(l for l in out.stdout.splitlines() if l.startswith("what the purification removed: "))
     assert ("the purification removed it" in line) == removed["flagged"]
-    bad = subprocess.run(base + ["--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
+    bad = subprocess.run(base + ["--no-purify", "--epochs", "1"], cwd=d, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "go with --purify" in bad.stderr
 
 

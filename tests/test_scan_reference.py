@@ -148,7 +148,7 @@ def test_scan_command_with_reference_records_the_combined_judgement(outside_chec
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "scan", "--checkpoint", "model.safetensors",
                           "--model", "mymodel.py:build", "--num-classes", "10", "--clean-data", "clean.npz",
-                          "--steps", "10", "--families", "mask,additive", "--reference", "--out-dir", "ref"],
+                          "--steps", "10", "--families", "mask,additive", "--reference", "--out-dir", "ref", "--no-purify"],
                          cwd=d, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     assert out.returncode == 0, out.stderr
     record = json.loads((d / "ref" / "scan.json").read_text())
