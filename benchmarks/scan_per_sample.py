@@ -60,16 +60,28 @@ PURIFIED = {"recommended": "`recommended` in batches of 128 (2026-11-28)",
             "a25": "today's `recommended` (batches of 32, shift weight 2.5; the eighth pass's `cand-b32-a25` models)"}
 
 
-def removal_rows(names, label, what, sizes, medians, cell, z4, z1, thr4) -> list[str]:
+def _top(v: list[float]) -> tuple[float, int]:
+    i = max(range(len(v)), key=v.__getitem__)
+    return v[i], i
+
+
+def _cell(v: list[float], thr: float) -> str:
+    """The largest value and its class, bold when over ``thr``."""
+    a, i = _top(v)
+    return f"**{a:.2f} ({i})**" if a > thr else f"{a:.2f} ({i})"
+
+
+def removal_rows(names: list[str], label: str, what: str, sizes: dict, medians: dict) -> list[str]:
     """The "what the purification removed" table of one kind of purified model, and class 0's anomaly in
     the purified model's own four-family scan (the issue's second goal: at or under the flag)."""
     from benchmarks.scan_reference import recorded_scan
-    from smoothpurify.scan import CombinedScan, ScanResult, ClassTrigger
+    from smoothpurify.scan import family_threshold
     from smoothpurify.scan_reference import ReferencedScan, null_threshold
 
+    z4, z1, z3, thr4 = null_threshold(10, 4), null_threshold(10, 1), null_threshold(10, 3), family_threshold(2.0, 4)
     lines = ["", f"What {what} removed (received vs purified). C: the four families' indices of log size(received) "
              f"- log size(purified), Stouffer / 2, flag > {z4:.2f}; C': the per-sample family alone, flag > {z1:.2f}; "
-             f"the three-family statistic of the README (> {null_threshold(10, 3):.2f}) beside them. Last column: "
+             f"the three-family statistic of the README (> {z3:.2f}) beside them. Last column: "
              f"the purified model's own four-family scan, class 0's anomaly (flag > {thr4:.2f}) and its largest.", "",
              "| model | mask | additive | margin | per-sample (C') | C: four families | three families | "
              "purified: class 0 / largest |", "|---|---|---|---|---|---|---|---|"]
@@ -86,19 +98,16 @@ def removal_rows(names, label, what, sizes, medians, cell, z4, z1, thr4) -> list
         rel = {f: r.anomaly for f, r in judged.results.items()}
         three = ReferencedScan(*(recorded_scan({f: fams[m][f] for f in ("mask", "additive", "margin")}, 0.0)
                                  for m in (name, after))).combined
-        own = CombinedScan({f: ScanResult.judged([ClassTrigger(t, v, 1.0) for t, v in enumerate(vals)], thr4, 0.0)
-                            for f, vals in fams[after].items()})
-        lines.append(f"| {name} | {cell(rel['mask'], 99)} | {cell(rel['additive'], 99)} | {cell(rel['margin'], 99)} | "
-                     f"{cell(rel['per-sample'], z1)} | {cell(judged.combined, z4)} | {cell(three, null_threshold(10, 3))} | "
-                     f"{own.anomaly_of(0):.2f} / {cell([own.anomaly_of(c) for c in range(10)], thr4)} |")
+        own = recorded_scan(fams[after], thr4)
+        lines.append(f"| {name} | {_cell(rel['mask'], 99)} | {_cell(rel['additive'], 99)} | {_cell(rel['margin'], 99)} | "
+                     f"{_cell(rel['per-sample'], z1)} | {_cell(judged.combined, z4)} | {_cell(three, z3)} | "
+                     f"{own.anomaly_of(0):.2f} / {_cell([own.anomaly_of(c) for c in range(10)], thr4)} |")
     return lines if rows else []
 
 
-
 def table() -> str:
-    from benchmarks.scan_reference import recorded_scan, recorded_sizes
+    from benchmarks.scan_reference import recorded_sizes
     from smoothpurify.scan import anomaly_index, family_threshold, log_sizes, mad_anomaly
-    from smoothpurify.scan_reference import ReferencedScan, null_threshold
 
     sizes = recorded_sizes()[0]
     medians = {}
@@ -106,19 +115,10 @@ def table() -> str:
         r = json.loads(line)
         medians[r["name"]] = [float(torch.tensor(p).median()) for p in r["persample"]]
 
-    def top(v: list[float]) -> tuple[float, int]:
-        i = max(range(len(v)), key=v.__getitem__)
-        return v[i], i
-
-    def cell(v: list[float], thr: float) -> str:
-        a, i = top(v)
-        return f"**{a:.2f} ({i})**" if a > thr else f"{a:.2f} ({i})"
-
     def universality(name: str) -> list[float]:
         return mad_anomaly([u - p for u, p in zip(log_sizes(sizes[name]["additive"]), log_sizes(medians[name]))])
 
-    thr3, z4, z1 = family_threshold(2.0, 3), null_threshold(10, 4), null_threshold(10, 1)
-    thr4 = family_threshold(2.0, 4)
+    thr3 = family_threshold(2.0, 3)
     lines = ["# A per-sample search against natural hubs (smoke profile, WRN-16-1, CPU, one thread)", "",
              "Largest anomaly index (class); **bold** = flagged; every attack's target is class 0. Rules and their "
              "thresholds were written before any search (`scan_per_sample_rules.md`).", "",
@@ -131,13 +131,13 @@ def table() -> str:
     for name in names:
         fam = {f: anomaly_index(sizes[name][f]) for f in ("mask", "margin", "additive")}
         uni = universality(name)
-        rule_b = [top(v) for v in (uni, fam["mask"], fam["margin"]) if top(v)[0] > thr3]
-        rule_old = [top(v) for v in fam.values() if top(v)[0] > thr3]
-        lines.append(f"| {name} | {cell(uni, 2.0)} | {cell(fam['mask'], thr3)} | {cell(fam['margin'], thr3)} | "
-                     f"{cell(fam['additive'], thr3)} | {'class %d' % max(rule_b)[1] if rule_b else 'no'} | "
-                     f"{'class %d' % max(rule_old)[1] if rule_old else 'no'} | {cell(anomaly_index(medians[name]), 99)} |")
+        rule_b = [_top(v) for v in (uni, fam["mask"], fam["margin"]) if _top(v)[0] > thr3]
+        rule_old = [_top(v) for v in fam.values() if _top(v)[0] > thr3]
+        lines.append(f"| {name} | {_cell(uni, 2.0)} | {_cell(fam['mask'], thr3)} | {_cell(fam['margin'], thr3)} | "
+                     f"{_cell(fam['additive'], thr3)} | {'class %d' % max(rule_b)[1] if rule_b else 'no'} | "
+                     f"{'class %d' % max(rule_old)[1] if rule_old else 'no'} | {_cell(anomaly_index(medians[name]), 99)} |")
     for label, what in PURIFIED.items():
-        lines += removal_rows(names, label, what, sizes, medians, cell, z4, z1, thr4)
+        lines += removal_rows(names, label, what, sizes, medians)
     return "\n".join(lines) + "\n"
 
 
