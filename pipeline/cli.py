@@ -287,11 +287,8 @@ def scan_command(
     perturbation; MM-BD: the largest logit margin any input reaches per class; a class needing a much
     smaller trigger, or reaching a much larger margin, than the others is flagged). By default a copy is
     also purified and scanned, and the verdict is what the purification removed."""
-    from modalities.contract import method_defaults
     from pipeline.own_checkpoint import check_device, check_out
-    from pipeline.scan_checkpoint import scan_checkpoint
-    from smoothpurify.methods import PRESETS
-    from smoothpurify.runner import make_runner
+    from pipeline.scan_checkpoint import copy_purifier, scan_checkpoint
     from smoothpurify.scan import ScanSettings
 
     check_device(device)
@@ -305,14 +302,11 @@ def scan_command(
         raise SmoothPurifyError("--epochs and --augment/--no-augment go with --purify (not with --no-purify)")
     if epochs is not None and epochs < 1:
         raise SmoothPurifyError("--epochs must be at least 1")
-    if purify and purify_method not in PRESETS:
-        raise SmoothPurifyError(f"--purify-method {purify_method!r}: choose a tuning preset ({', '.join(PRESETS)})")
+    mod = _modality(modality)
+    runner = copy_purifier(mod, purify_method, epochs, augment) if purify else None
     if purify:  # before any search: an output that cannot be written fails now, not after minutes
         check_out(out_dir / "purified.safetensors", checkpoint)
-    mod = _modality(modality)
     clean = mod.load_user_data(clean_data, _parse_normalize(normalize))
-    tuning = {k: v for k, v in (("epochs", epochs), ("augment", augment)) if v is not None}
-    runner = make_runner(purify_method, {**method_defaults(mod, purify_method), **tuning})[1] if purify else None
     scan_checkpoint(mod, checkpoint, model, num_classes, clean, out_dir,
                     settings=ScanSettings(steps=steps, margin_steps=margin_steps, per_sample_steps=per_sample_steps),
                     seed=seed, device=device, reference=reference,

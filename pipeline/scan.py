@@ -103,8 +103,7 @@ def _families(mod: Modality, clean: tuple[Any, torch.Tensor], families: list[str
     if families:
         unknown = sorted(set(families) - set(chosen))
         if unknown:
-            raise SmoothPurifyError(f"--families: unknown trigger family {', '.join(unknown)}; this model's: "
-                                    f"{', '.join(chosen)}")
+            raise SmoothPurifyError(f"unknown trigger family {', '.join(unknown)}; this model's: {', '.join(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in families}
     return chosen
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from modalities.contract import method_defaults
 from pipeline.own_checkpoint import load_user_model, purify_checkpoint
 from pipeline.scan import removal, removal_line, save_scan, scan_lines, scanner
+from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
+from smoothpurify.methods import PRESETS
+from smoothpurify.runner import make_runner
 from smoothpurify.scan import ScanSettings, residual, residual_line
 
 Echo = Callable[[str], None]
@@ -20,6 +24,15 @@ def report_removal(received: Any, purified: Any, path: Path, echo: Echo) -> None
     removed = removal(received, purified)
     write_json(path, removed.to_record())
     echo("what the purification removed: " + removal_line(removed))
+
+
+def copy_purifier(mod, method: str, epochs: int | None, augment: bool | None):
+    """The method runner that purifies the scanned model's copy: ``method`` with the modality's own settings
+    of it, ``epochs`` / ``augment`` where given; one error line for a method that is not a tuning preset."""
+    if method not in PRESETS:
+        raise SmoothPurifyError(f"--purify-method {method!r}: choose a tuning preset ({', '.join(PRESETS)})")
+    tuning = {k: v for k, v in (("epochs", epochs), ("augment", augment)) if v is not None}
+    return make_runner(method, {**method_defaults(mod, method), **tuning})[1]
 
 
 def scan_checkpoint(mod, checkpoint: Path, model: str, num_classes: int, clean, out_dir: Path, *,

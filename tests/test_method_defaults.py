@@ -31,8 +31,8 @@ def test_each_modality_s_own_recommended_setting():
     assert (own["reinit_classifier"], own["distill_weight"], own["feature_shift_weight"], own["lr"]) == (False, 0.0, 0.0, 0.01)
     video = _settings({}, "recommended", "video")
     assert (video["distill_weight"], video["batch_size"], video["epochs"], video["lr_step"]) == (10.0, 32, 150, 60)
-    assert (_settings({}, "recommended", "image")["batch_size"], _settings({}, "recommended", "image")["feature_shift_weight"]) \
-        == (32, 2.5)
+    image = _settings({}, "recommended", "image")
+    assert (image["batch_size"], image["feature_shift_weight"]) == (32, 2.5)
     assert _settings({}, "recommended", "video")["feature_shift_weight"] == 2.0   # the preset's, not the image one
     assert _settings({}, "recommended", None)["batch_size"] == 128                 # the preset itself
     light = _settings({}, "fst-kd-overlay-light", "image")
