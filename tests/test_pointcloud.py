@@ -195,3 +195,22 @@ def test_user_data_round_trip_keeps_a_trigger_exactly(tmp_path):
     with pytest.raises(SmoothPurifyError):
         mod.load_user_data(tmp_path / "missing")
     assert read_off(next((tmp_path / "poisoned" / "class_00" / "test").glob("*.off")))[2]
+
+
+def test_rotation_trigger_visibility_separates_a_cube_from_a_posed_box():
+    """The mesh measurement behind the point-cloud data notes (benchmarks/pointcloud_mesh_symmetry.py):
+    90 degrees about x maps a cube onto a turn of itself (ratio ~1, sampling noise) but stands a
+    1 x 0.6 x 0.2 box on its side, which no turn about z undoes."""
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.pointcloud_mesh_symmetry import visibility_ratio  # noqa: PLC0415
+    from modalities.pointcloud.attacks import rotation_matrix  # noqa: PLC0415
+
+    verts, tri, _ = parse_off(CUBE)
+    turn = rotation_matrix("x", 90).double().numpy()
+    rng = np.random.default_rng(0)
+    cube = visibility_ratio(verts - 0.5, tri, turn, rng, points=512, turns=36)
+    box = visibility_ratio((verts - 0.5) * [1.0, 0.6, 0.2], tri, turn, rng, points=512, turns=36)
+    assert cube < 1.3 < 2.0 < box

@@ -32,7 +32,7 @@ ATTACKS = Registry("point-cloud attack")
 CENTRE = 0.5  # the cube's centre: every cloud is centred here (geometry.normalise)
 
 
-def _rotation(axis: str, degrees: float) -> torch.Tensor:
+def rotation_matrix(axis: str, degrees: float) -> torch.Tensor:
     a = math.radians(float(degrees))
     c, s = math.cos(a), math.sin(a)
     mats = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
@@ -91,7 +91,8 @@ class PointBAOrientation(Attack):
     name = "pointba-o"
 
     def make_trigger(self) -> dict[str, torch.Tensor]:
-        return {"rotation": _rotation(str(self.options.get("axis", "x")), float(self.options.get("degrees", 45.0)))}
+        axis, degrees = str(self.options.get("axis", "x")), float(self.options.get("degrees", 45.0))
+        return {"rotation": rotation_matrix(axis, degrees)}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         r = self.trigger["rotation"].to(x)
