@@ -26,12 +26,12 @@ data: $(STAMP)
 # The demo is the default DVC matrix (params.yaml): `dvc commit` records its outputs in dvc.lock,
 # so a `dvc repro` afterwards has nothing to redo.
 demo: $(STAMP)
-	$(BIN)/python -m flows.image --profile smoke
+	OMP_NUM_THREADS=2 $(BIN)/python -m flows.image --profile smoke
 	$(BIN)/dvc commit --force --quiet --with-deps image-report || echo "note: dvc commit skipped (dvc.lock not updated)"
 
 # The multi-label modality's smoke run (its DVC stages: multilabel-*).
 demo-multilabel: $(STAMP)
-	$(BIN)/python -m flows.multilabel --profile smoke
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.multilabel --profile smoke
 	$(BIN)/dvc commit --force --quiet --with-deps multilabel-report || echo "note: dvc commit skipped (dvc.lock not updated)"
 
 # The full matrix (hours on a CPU) as a DVC experiment: params.yaml itself stays at the default.
