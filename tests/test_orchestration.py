@@ -128,6 +128,26 @@ def test_the_dvc_matrix_is_the_demo():
                for p in params["profiles"].values())  # DVC reads the top-level lists, unmerged
 
 
+
+def test_every_stage_pins_the_thread_count_its_demo_uses():
+    """The thread count changes the weights and is no DVC dependency: each stage's command pins it, one
+    count per modality, and `make demo` / `make demo-multilabel` (which `dvc commit` their flow's
+    outputs as the stages') run at the same count."""
+    import re  # noqa: PLC0415
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    counts: dict[str, set[str]] = {}
+    for name, stage in stages.items():
+        cmd = (stage.get("do") or stage)["cmd"]
+        pinned = re.match(r"OMP_NUM_THREADS=(\d+) python -m tasks ", cmd)
+        assert pinned, (name, cmd)
+        counts.setdefault(name.split("-")[0], set()).add(pinned.group(1))
+    assert all(len(c) == 1 for c in counts.values()), counts
+    make = (ROOT / "Makefile").read_text()
+    for target, modality in (("demo", "image"), ("demo-multilabel", "multilabel")):
+        body = make[make.index(f"\n{target}:"):].split("\n\n", 1)[0]
+        assert f"OMP_NUM_THREADS={next(iter(counts[modality]))} " in body, target
+
 def test_list_describes_every_model_attack_and_method_within_200_columns():
     from pipeline.cli import _listing
     from pipeline.params import load_params
