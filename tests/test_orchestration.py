@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,13 +129,10 @@ def test_the_dvc_matrix_is_the_demo():
                for p in params["profiles"].values())  # DVC reads the top-level lists, unmerged
 
 
-
 def test_every_stage_pins_the_thread_count_its_demo_uses():
     """The thread count changes the weights and is no DVC dependency: each stage's command pins it, one
     count per modality, and `make demo` / `make demo-multilabel` (which `dvc commit` their flow's
     outputs as the stages') run at the same count."""
-    import re  # noqa: PLC0415
-
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     counts: dict[str, set[str]] = {}
     for name, stage in stages.items():
@@ -147,6 +145,7 @@ def test_every_stage_pins_the_thread_count_its_demo_uses():
     for target, modality in (("demo", "image"), ("demo-multilabel", "multilabel")):
         body = make[make.index(f"\n{target}:"):].split("\n\n", 1)[0]
         assert f"OMP_NUM_THREADS={next(iter(counts[modality]))} " in body, target
+
 
 def test_list_describes_every_model_attack_and_method_within_200_columns():
     from pipeline.cli import _listing
