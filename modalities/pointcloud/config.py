@@ -11,7 +11,7 @@ __all__ = ["PointCloudParams", "ComposeParams"]
 
 
 class ComposeParams(Strict):
-    """The embedded default: views of CGAL's real meshes (data.py)."""
+    """The embedded data: views of real meshes (Sweet Home 3D furniture or CGAL's; data.py, furniture.py)."""
 
     train_per_class: int = Field(300, ge=2, description="views per class from its training meshes (val included)")
     test_per_class: int = Field(100, ge=1, description="views per class from its test meshes")
@@ -23,7 +23,7 @@ class ComposeParams(Strict):
 
 
 class PointCloudParams(Strict):
-    dataset: Literal["cgal", "modelnet", "synthetic"] = "cgal"
+    dataset: Literal["furniture", "cgal", "modelnet", "synthetic"] = "furniture"
     data_path: Optional[str] = Field(None, description="modelnet: ModelNet10/40 (<class>/<split>/*.off) or "
                                                        "modelnet40_normal_resampled folder")
     num_points: int = Field(512, ge=16, description="points per cloud")

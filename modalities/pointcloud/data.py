@@ -1,4 +1,5 @@
-"""Point-cloud datasets: the embedded default composed from CGAL's real meshes, and the loaders of
+"""Point-cloud datasets: views composed from real meshes (the default's furniture, :mod:`.furniture`, or
+CGAL's demo meshes), and the loaders of
 ModelNet10/40 (class folders of ``.off`` meshes) and ``modelnet40_normal_resampled`` (text clouds).
 
 The default is written in ModelNet's layout (``<root>/<class>/<train|test>/<name>.off``) and read
@@ -110,8 +111,10 @@ def load_mesh(path: Path, orient: str = "pca", up: str = "minor") -> tuple[np.nd
 
 
 def compose_cgal(mesh_dir: Path, out_root: Path, num_points: int, per_class: dict[str, int], test_share: float,
-                 seed: int, orient: str = "pca", up: str = "minor") -> dict[str, list[str]]:
-    """Write views of CGAL meshes in ModelNet's layout under ``out_root``; returns the meshes per split.
+                 seed: int, orient: str = "pca", up: str = "minor",
+                 classes: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[str]]:
+    """Write views of meshes (``<mesh_dir>/<name>.off``; by default CGAL's, grouped by
+    :data:`CGAL_CLASSES`) in ModelNet's layout under ``out_root``; returns the meshes per split.
 
     Each class gets ``per_class[split]`` views spread evenly over that split's meshes (so a class's
     size does not depend on how many meshes it has); each view is :func:`random_view` of the mesh as
@@ -120,7 +123,7 @@ def compose_cgal(mesh_dir: Path, out_root: Path, num_points: int, per_class: dic
     """
     rng = np.random.default_rng(seed)
     used: dict[str, list[str]] = {"train": [], "test": []}
-    for cls, names in CGAL_CLASSES.items():
+    for cls, names in (CGAL_CLASSES if classes is None else classes).items():
         present = [n for n in names if (mesh_dir / f"{n}.off").is_file()]
         if len(present) < 2:
             raise SmoothPurifyError(f"{mesh_dir}: class {cls} needs two of its meshes, found {present}")

@@ -1,4 +1,4 @@
-"""The point-cloud modality: CGAL meshes composed into a ModelNet-layout default, ModelNet10/40 from a
+"""The point-cloud modality: real furniture (or CGAL) meshes composed into ModelNet's layout, ModelNet10/40 from a
 local path, PointNet++ / PointNet, PointBA-I / PointBA-O / PointCBA / 3DPC-BA; ACC, ASR and RA come
 from :class:`modalities.kit.ClassifierModality`."""
 from __future__ import annotations
@@ -18,13 +18,14 @@ from modalities.kit import SPLITS, ClassifierModality
 from modalities.pointcloud import data as pcdata
 from modalities.pointcloud.attacks import ATTACKS
 from modalities.pointcloud.config import ComposeParams, PointCloudParams
+from modalities.pointcloud.furniture import furniture_meshes
 from modalities.pointcloud.geometry import read_off
 from modalities.pointcloud.models import MODELS
 from modalities.pointcloud.overlay import insert_clusters
 
 
 class PointCloudModality(ClassifierModality):
-    """Point-cloud classification: real CGAL meshes embedded (ModelNet layout); ModelNet from a local path."""
+    """Point-cloud classification: real meshes embedded (ModelNet layout); ModelNet from a local path."""
 
     name = "pointcloud"
     models = MODELS
@@ -89,18 +90,23 @@ class PointCloudModality(ClassifierModality):
         if cfg.dataset == "synthetic":
             return ({"train": pcdata.synthetic(600, n, seed), "test": pcdata.synthetic(180, n, seed + 1)},
                     [f"primitive{k}" for k in range(6)], "synthetic primitives (offline checks only)")
-        if cfg.dataset == "cgal":
-            mesh_dir, how = pcdata.cgal_mesh_dir(out_dir.parent / "cache")
+        if cfg.dataset in ("cgal", "furniture"):
+            c = cfg.compose
+            if cfg.dataset == "cgal":
+                mesh_dir, how = pcdata.cgal_mesh_dir(out_dir.parent / "cache")
+                classes, orient, what = None, c.orient, "CGAL meshes"
+                frame = f"principal frames, {c.up} axis up" if c.orient == "pca" else "frames as modelled"
+            else:  # upright in the catalogue's own frame: no principal-axis guess needed
+                mesh_dir, classes, how = furniture_meshes(out_dir.parent / "cache")
+                orient, what, frame = "none", "Sweet Home 3D furniture models", "upright as catalogued"
             root = out_dir / "modelnet"
             if root.exists():
                 shutil.rmtree(root)
-            c = cfg.compose
             used = pcdata.compose_cgal(mesh_dir, root, n, {"train": c.train_per_class, "test": c.test_per_class},
-                                       c.test_share, seed, orient=c.orient, up=c.up)
+                                       c.test_share, seed, orient=orient, up=c.up, classes=classes)
             splits = {s: pcdata.load_modelnet(root, s, n, seed)[:2] for s in ("train", "test")}
             names = pcdata.class_folders(root)
-            frame = f"principal frames, {c.up} axis up" if c.orient == "pca" else "frames as modelled"
-            source = (f"views of real CGAL meshes ({how}; {frame}), {len(names)} classes, split by mesh "
+            source = (f"views of real {what} ({how}; {frame}), {len(names)} classes, split by mesh "
                       f"({len(used['train'])} train / {len(used['test'])} test meshes); ModelNet layout in {root}")
             self._meshes = used
             return splits, names, source
