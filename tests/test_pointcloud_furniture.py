@@ -46,8 +46,10 @@ def test_obj_quads_fan_and_negative_indices():
     assert verts.shape == (8, 3) and faces.shape == (12, 3)
     # the third face used negative indices: -8..-7 are vertices 0..1 (0-based) of the 8 so far
     assert faces[4].tolist() == [0, 4, 5] and faces[5].tolist() == [0, 5, 1]
-    with pytest.raises(SmoothPurifyError):
+    with pytest.raises(SmoothPurifyError, match="does not have"):
         fur.parse_obj("v 0 0 0\nf 1 2 3\n")
+    with pytest.raises(SmoothPurifyError, match="OBJ line 2"):
+        fur.parse_obj("v 0 0 0\nv 1 x 0\n")
 
 
 def test_upright_scales_to_size_and_turns_y_up_into_z_up():
@@ -99,6 +101,16 @@ def test_mesh_cache_from_catalogues_keeps_identical_geometry_once(tmp_path):
     assert faces.shape == (12, 3) and not normalised
     assert np.allclose(verts.max(0) - verts.min(0), [10.0, 20.0, 30.0], atol=1e-5)
     assert fur.furniture_meshes(tmp_path)[1] == classes  # the manifest is read back, nothing redone
+
+
+def test_a_broken_model_names_its_catalogue_and_file(tmp_path):
+    folder = tmp_path / "sh3d-catalogues"
+    folder.mkdir()
+    _catalogue(folder / "bad.sh3f", [("Chair", "L", "v 0 0 zero\n")])
+    with pytest.raises(SmoothPurifyError, match="bad.sh3f: model cat/m1.obj: OBJ line 1"):
+        fur.furniture_meshes(tmp_path)
+    assert not (tmp_path / "furniture-meshes").exists()      # nothing half-written is left as the cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sh3d-catalogues"]
 
 
 def test_views_of_furniture_meshes_in_modelnet_layout(tmp_path):

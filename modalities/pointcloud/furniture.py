@@ -4,7 +4,7 @@ Each catalogue (``*.sh3f``) is a zip of OBJ models and a Java properties file na
 category, its size in cm and, where the OBJ is not modelled upright, the rotation that stands it up.
 Models are grouped into classes by their English name (:data:`FURNITURE_CLASSES`), put in Sweet Home
 3D's frame (rotation, then scaled to width x height x depth, y up) and turned z-up, and written once as
-``.off`` meshes into a cache folder that :func:`modalities.pointcloud.data.compose_meshes` composes views
+``.off`` meshes into a cache folder that :func:`modalities.pointcloud.data.compose_cgal` composes views
 from. Nothing is unpickled or executed; only the properties and the selected OBJ files are read.
 """
 from __future__ import annotations
@@ -107,15 +107,18 @@ def parse_obj(text: str) -> tuple[np.ndarray, np.ndarray]:
     1-based and negative indices; texture / normal indices ignored)."""
     verts: list[list[float]] = []
     tris: list[tuple[int, int, int]] = []
-    for line in text.splitlines():
-        if line.startswith("v "):
-            verts.append([float(v) for v in line.split()[1:4]])
-        elif line.startswith("f "):
-            idx = []
-            for tok in line.split()[1:]:
-                i = int(tok.split("/", 1)[0])
-                idx.append(i - 1 if i > 0 else len(verts) + i)
-            tris += [(idx[0], idx[k], idx[k + 1]) for k in range(1, len(idx) - 1)]
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.startswith("v "):
+                verts.append([float(v) for v in line.split()[1:4]])
+            elif line.startswith("f "):
+                idx = []
+                for tok in line.split()[1:]:
+                    i = int(tok.split("/", 1)[0])
+                    idx.append(i - 1 if i > 0 else len(verts) + i)
+                tris += [(idx[0], idx[k], idx[k + 1]) for k in range(1, len(idx) - 1)]
+        except ValueError:
+            raise SmoothPurifyError(f"OBJ line {number}: not a vertex or face ({line[:40]!r})") from None
     v = np.asarray(verts, np.float64).reshape(-1, 3)
     f = np.asarray(tris, np.int64).reshape(-1, 3)
     if len(f) and (f.min() < 0 or f.max() >= len(v)):
@@ -174,25 +177,37 @@ def furniture_meshes(cache_dir: Path) -> tuple[Path, dict[str, tuple[str, ...]],
         classes = {k: tuple(v) for k, v in json.loads(manifest.read_text()).items()}
         return out, classes, how
     staging = Path(tempfile.mkdtemp(dir=Path(cache_dir)))
+    try:
+        classes = _convert(folder, staging)
+        (staging / _MANIFEST).write_text(json.dumps(classes, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)   # only left when the conversion failed
+    return out, {k: tuple(v) for k, v in classes.items()}, how
+
+
+def _convert(folder: Path, staging: Path) -> dict[str, list[str]]:
+    """Every classed model of every catalogue in ``folder`` as ``<staging>/<mesh>.off``: the meshes per class."""
     classes: dict[str, list[str]] = {cls: [] for cls, *_ in FURNITURE_CLASSES}
     seen: set[str] = set()
     for sh3f in sorted(folder.glob("*.sh3f")):
         entries = [e for e in catalogue_entries(sh3f) if class_of(e["name"], e["category"])]
         with zipfile.ZipFile(sh3f) as z:
             for e in sorted(entries, key=lambda e: e["id"]):
-                verts, faces = parse_obj(z.read(e["model"]).decode("latin-1"))
+                try:
+                    verts, faces = parse_obj(z.read(e["model"]).decode("latin-1"))
+                except (KeyError, SmoothPurifyError) as err:
+                    raise SmoothPurifyError(f"{sh3f.name}: model {e['model']}: {err}") from None
                 if len(faces) < 4:
                     continue
                 v = upright(verts, e["rotation"], e["size"])
                 key = hashlib.sha1(np.round(v, 2).tobytes() + faces.tobytes()).hexdigest()
-                if key in seen:
+                if key in seen:    # the same geometry shipped twice must not sit in both splits
                     continue
                 seen.add(key)
                 slug = re.sub(r"[^a-z0-9]+", "-", f"{e['catalogue']}-{e['id'].split('#')[-1]}".lower()).strip("-")
                 write_off(staging / f"{slug}.off", v, faces, normalised=False)
                 classes[class_of(e["name"], e["category"])].append(slug)
-    (staging / _MANIFEST).write_text(json.dumps(classes, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    return out, {k: tuple(v) for k, v in classes.items()}, how
+    return classes
