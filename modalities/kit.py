@@ -319,6 +319,28 @@ def _complete(folder: Path) -> bool:
     return all((folder / f).is_file() for pair in FASHION_FILES.values() for f in pair)
 
 
+def unpack_deb(package: str, target: Path) -> Path:
+    """The Debian ``package`` fetched without root (``apt-get download``) and unpacked whole
+    (``dpkg-deb -x``) into ``target``, which is replaced only once the unpacking succeeded. One
+    :class:`SmoothPurifyError` line when apt-get / dpkg-deb are missing or the download fails."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise SmoothPurifyError(f"apt-get and dpkg-deb are needed to fetch the Debian package {package}")
+    target = Path(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob(f"{package}_*.deb"))
+        if got.returncode != 0 or not debs:
+            raise SmoothPurifyError(f"apt-get download {package} failed: "
+                                    f"{(got.stderr.strip().splitlines() or ['no package file'])[-1]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
 def fetch_fashion_deb(cache_dir: Path) -> Path | None:
     """The package's files under a cache (this one, or a sibling modality's), fetched into
     ``cache_dir`` when absent; None when they cannot be fetched (no apt-get / dpkg-deb, or no package)."""
@@ -326,20 +348,10 @@ def fetch_fashion_deb(cache_dir: Path) -> Path | None:
     for folder in [cache_dir / DEB_SUBDIR, *sorted(cache_dir.parent.parent.glob(f"*/cache/{DEB_SUBDIR}"))]:
         if _complete(folder):
             return folder
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+    try:
+        unpack_deb("dataset-fashion-mnist", cache_dir / DEB_SUBDIR.parts[0])
+    except SmoothPurifyError:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-        if got.returncode != 0 or not debs:
-            return None
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
-        target = cache_dir / DEB_SUBDIR.parts[0]
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
     folder = cache_dir / DEB_SUBDIR
     return folder if folder.is_dir() else None
 

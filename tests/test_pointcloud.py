@@ -171,7 +171,7 @@ def test_cgal_classes_each_have_a_train_and_a_test_mesh(tmp_path):
     for names in pcdata.CGAL_CLASSES.values():
         for n in names:
             write_off(tmp_path / "meshes" / f"{n}.off", *parse_off(CUBE)[:2], normalised=False)
-    used = pcdata.compose_cgal(tmp_path / "meshes", tmp_path / "out", 16, {"train": 3, "test": 2}, 0.34, seed=0)
+    used = pcdata.compose_meshes(tmp_path / "meshes", tmp_path / "out", 16, {"train": 3, "test": 2}, 0.34, seed=0)
     assert not set(used["train"]) & set(used["test"])
     assert len(pcdata.class_folders(tmp_path / "out")) == len(pcdata.CGAL_CLASSES) >= 6
     for cls in pcdata.CGAL_CLASSES:

@@ -89,8 +89,8 @@ def _catalogue(path, entries):
 
 
 def test_mesh_cache_from_catalogues_keeps_identical_geometry_once(tmp_path):
-    folder = tmp_path / "sh3d-catalogues"
-    folder.mkdir()
+    folder = tmp_path / "sh3d-catalogues" / fur.FURNITURE_FOLDER
+    folder.mkdir(parents=True)
     pyramid = "v 0 0 0\nv 1 0 0\nv 0 0 1\nv 0 1 0\nf 1 2 3\nf 1 2 4\nf 2 3 4\nf 1 3 4\n"
     _catalogue(folder / "test.sh3f", [("Chair", "Living room", BOX_OBJ), ("Chair", "Office", BOX_OBJ),
                                        ("Bed", "Bedroom", pyramid), ("Rug", "Living room", pyramid)])
@@ -104,8 +104,8 @@ def test_mesh_cache_from_catalogues_keeps_identical_geometry_once(tmp_path):
 
 
 def test_a_broken_model_names_its_catalogue_and_file(tmp_path):
-    folder = tmp_path / "sh3d-catalogues"
-    folder.mkdir()
+    folder = tmp_path / "sh3d-catalogues" / fur.FURNITURE_FOLDER
+    folder.mkdir(parents=True)
     _catalogue(folder / "bad.sh3f", [("Chair", "L", "v 0 0 zero\n")])
     with pytest.raises(SmoothPurifyError, match="bad.sh3f: model cat/m1.obj: OBJ line 1"):
         fur.furniture_meshes(tmp_path)
@@ -114,14 +114,14 @@ def test_a_broken_model_names_its_catalogue_and_file(tmp_path):
 
 
 def test_views_of_furniture_meshes_in_modelnet_layout(tmp_path):
-    folder = tmp_path / "sh3d-catalogues"
-    folder.mkdir()
+    folder = tmp_path / "sh3d-catalogues" / fur.FURNITURE_FOLDER
+    folder.mkdir(parents=True)
     pyramid = "v 0 0 0\nv 1 0 0\nv 0 0 1\nv 0 1 0\nf 1 2 3\nf 1 2 4\nf 2 3 4\nf 1 3 4\n"
     tall = BOX_OBJ.replace("v 0 3 0", "v 0 5 0")
     _catalogue(folder / "t.sh3f", [("Chair", "L", BOX_OBJ), ("Chair", "L", tall), ("Bed", "B", pyramid),
                                     ("Bed", "B", pyramid.replace("v 0 1 0", "v 0.5 1 0.5"))])
     out, classes, _ = fur.furniture_meshes(tmp_path)
-    used = pcdata.compose_cgal(out, tmp_path / "mn", 16, {"train": 3, "test": 2}, 0.34, seed=0, orient="none",
+    used = pcdata.compose_meshes(out, tmp_path / "mn", 16, {"train": 3, "test": 2}, 0.34, seed=0, orient="none",
                                classes={k: v for k, v in classes.items() if v})
     assert pcdata.class_folders(tmp_path / "mn") == ["bed", "chair"]
     assert not set(used["train"]) & set(used["test"])

@@ -110,7 +110,7 @@ def load_mesh(path: Path, orient: str = "pca", up: str = "minor") -> tuple[np.nd
     return verts, faces
 
 
-def compose_cgal(mesh_dir: Path, out_root: Path, num_points: int, per_class: dict[str, int], test_share: float,
+def compose_meshes(mesh_dir: Path, out_root: Path, num_points: int, per_class: dict[str, int], test_share: float,
                  seed: int, orient: str = "pca", up: str = "minor",
                  classes: dict[str, tuple[str, ...]] | None = None) -> dict[str, list[str]]:
     """Write views of meshes (``<mesh_dir>/<name>.off``; by default CGAL's, grouped by

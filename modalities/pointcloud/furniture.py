@@ -4,7 +4,7 @@ Each catalogue (``*.sh3f``) is a zip of OBJ models and a Java properties file na
 category, its size in cm and, where the OBJ is not modelled upright, the rotation that stands it up.
 Models are grouped into classes by their English name (:data:`FURNITURE_CLASSES`), put in Sweet Home
 3D's frame (rotation, then scaled to width x height x depth, y up) and turned z-up, and written once as
-``.off`` meshes into a cache folder that :func:`modalities.pointcloud.data.compose_cgal` composes views
+``.off`` meshes into a cache folder that :func:`modalities.pointcloud.data.compose_meshes` composes views
 from. Nothing is unpickled or executed; only the properties and the selected OBJ files are read.
 """
 from __future__ import annotations
@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from smoothpurify import SmoothPurifyError
+from modalities.kit import unpack_deb
 from modalities.pointcloud.geometry import write_off
 
 FURNITURE_PACKAGE = "sweethome3d-furniture"
@@ -136,35 +135,19 @@ def upright(verts: np.ndarray, rotation: np.ndarray, size: list[float]) -> np.nd
 
 
 def furniture_folder(cache_dir: Path) -> tuple[Path, str]:
-    """The folder of ``.sh3f`` catalogues: the installed package's, or a fetched ``.deb`` unpacked
-    (no root: ``apt-get download`` + ``dpkg-deb --fsys-tarfile``, only the catalogues kept)."""
+    """The folder of ``.sh3f`` catalogues: the installed package's, or the package fetched without root
+    into ``<cache>/sh3d-catalogues`` (:func:`modalities.kit.unpack_deb`)."""
     system = Path("/") / FURNITURE_FOLDER
     if any(system.glob("*.sh3f")):
         return system, f"Debian {FURNITURE_PACKAGE} (installed)"
     target = Path(cache_dir) / "sh3d-catalogues"
-    if any(target.glob("*.sh3f")):
-        return target, f"Debian {FURNITURE_PACKAGE} (apt-get download)"
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise SmoothPurifyError(f"no furniture catalogues: install the Debian package {FURNITURE_PACKAGE}")
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", FURNITURE_PACKAGE], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob(f"{FURNITURE_PACKAGE}_*.deb"))
-        if got.returncode != 0 or not debs:
-            raise SmoothPurifyError(f"no furniture catalogues: `apt-get download {FURNITURE_PACKAGE}` failed "
-                                    f"({got.stderr.strip().splitlines()[-1:] or 'no .deb'}); run `apt-get "
-                                    "update` once, install the package, or set pointcloud.dataset to cgal")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent))
-        with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], stdout=subprocess.PIPE) as proc:
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                for m in tar:
-                    if m.isfile() and m.name.lstrip("./").startswith(FURNITURE_FOLDER) and m.name.endswith(".sh3f"):
-                        with open(staging / Path(m.name).name, "wb") as fh:
-                            shutil.copyfileobj(tar.extractfile(m), fh)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return target, f"Debian {FURNITURE_PACKAGE} (apt-get download)"
+    if not any((target / FURNITURE_FOLDER).glob("*.sh3f")):
+        try:
+            unpack_deb(FURNITURE_PACKAGE, target)
+        except SmoothPurifyError as err:
+            raise SmoothPurifyError(f"no furniture catalogues: {err}; run `apt-get update` once, install the "
+                                    "package, or set pointcloud.dataset to cgal") from None
+    return target / FURNITURE_FOLDER, f"Debian {FURNITURE_PACKAGE} (apt-get download)"
 
 
 def furniture_meshes(cache_dir: Path) -> tuple[Path, dict[str, tuple[str, ...]], str]:

@@ -102,7 +102,7 @@ class PointCloudModality(ClassifierModality):
             root = out_dir / "modelnet"
             if root.exists():
                 shutil.rmtree(root)
-            used = pcdata.compose_cgal(mesh_dir, root, n, {"train": c.train_per_class, "test": c.test_per_class},
+            used = pcdata.compose_meshes(mesh_dir, root, n, {"train": c.train_per_class, "test": c.test_per_class},
                                        c.test_share, seed, orient=orient, up=c.up, classes=classes)
             splits = {s: pcdata.load_modelnet(root, s, n, seed)[:2] for s in ("train", "test")}
             names = pcdata.class_folders(root)

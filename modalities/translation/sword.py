@@ -12,23 +12,20 @@ other (about 32,000 pairs). The format, read with the standard library only:
 
 Verses carry OSIS markup (``<w lemma=...>`` word tags, ``<note>`` footnotes, ``<title>`` headings,
 milestones); footnotes and headings are dropped with their text, every other tag keeps its text.
-The packages are fetched without root as the image modality fetches its own (``apt-get download``
-and ``dpkg-deb -x`` into the run's cache), reimplemented here because modalities never import each
-other.
+The packages are fetched without root as every modality fetches its Debian data
+(:func:`modalities.kit.unpack_deb`: ``apt-get download`` and ``dpkg-deb -x`` into the run's cache).
 """
 from __future__ import annotations
 
 import html
-import os
 import re
 import shutil
 import struct
-import subprocess
-import tempfile
 import zlib
 from pathlib import Path
 
 from smoothpurify import SmoothPurifyError
+from modalities.kit import unpack_deb
 
 PACKAGES = {"en": ("sword-text-kjv", "engKJV2006eb"), "es": ("sword-text-sparv", "spaRV1909eb")}
 TESTAMENTS = ("ot", "nt")
@@ -103,18 +100,7 @@ def fetch_module(cache_dir: Path, package: str, module: str) -> Path:
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise SmoothPurifyError(f"the default translation corpus needs apt-get and dpkg-deb to fetch {package}; "
                                 "set translation.dataset: local with data_path")
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob(f"{package}_*.deb"))
-        if got.returncode != 0 or not debs:
-            raise SmoothPurifyError(f"apt-get download {package} failed: "
-                                    f"{(got.stderr.strip().splitlines() or ['no package file'])[-1]}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+    unpack_deb(package, target)
     for name in (module, module.lower()):
         if (target / _ZTEXT / name / "nt.bzz").is_file():
             return target / _ZTEXT / name
