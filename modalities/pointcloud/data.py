@@ -9,10 +9,8 @@ convention), ``y: [N]`` int64 and the class names.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from smoothpurify import SmoothPurifyError
+from modalities.kit import unpack_deb
 from modalities.pointcloud.geometry import canonicalise, cloud_from_mesh, random_view, read_off, write_off
 
 CGAL_PACKAGE = "libcgal-demo"
@@ -41,54 +40,47 @@ CGAL_CLASSES: dict[str, tuple[str, ...]] = {
 
 
 # --------------------------------------------------------------------------- CGAL meshes
-def _cgal_from_deb(cache_dir: Path) -> Path | None:
-    """``apt-get download`` + ``dpkg-deb --fsys-tarfile`` (no root): unpack ``data/meshes`` into the cache."""
-    target = cache_dir / "cgal-meshes"
-    if (target / "data" / "meshes").is_dir():
-        return target / "data" / "meshes"
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run(["apt-get", "download", CGAL_PACKAGE], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob(f"{CGAL_PACKAGE}_*.deb"))
-        if got.returncode != 0 or not debs:
-            return None
-        fs = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(debs[0])], capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=io.BytesIO(fs)) as outer:
-            member = next((m for m in outer.getmembers() if m.name.lstrip("./") == CGAL_TARBALL), None)
-            if member is None:
-                return None
-            inner = outer.extractfile(member).read()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir))
-        with tarfile.open(fileobj=io.BytesIO(inner)) as tar:
-            # Only regular .off files under data/meshes: nothing else from the archive touches the disk.
+def _extract_meshes(tarball: Path, target: Path) -> None:
+    """The regular ``.off`` files under ``data/meshes`` of CGAL's data tarball into ``target`` (replaced
+    once the extraction succeeded): nothing else from the archive touches the disk."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent))
+    try:
+        with tarfile.open(tarball) as tar:
             keep = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("data/meshes/")
                     and m.name.endswith(".off") and "/.." not in m.name]
             tar.extractall(staging, members=keep, filter="data")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-    return target / "data" / "meshes"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def cgal_mesh_dir(cache_dir: Path) -> tuple[Path, str]:
-    """The folder of CGAL's ``.off`` meshes: the installed package's tarball or a fetched ``.deb``."""
+    """The folder of CGAL's ``.off`` meshes, extracted once into ``<cache>/cgal-meshes`` from the
+    installed package's tarball or from the package fetched without root (:func:`modalities.kit.unpack_deb`)."""
+    cache_dir = Path(cache_dir)
+    target = cache_dir / "cgal-meshes"
     system = Path("/") / CGAL_TARBALL
+    how = f"Debian {CGAL_PACKAGE} ({'installed' if system.is_file() else 'apt-get download'})"
+    if (target / "data" / "meshes").is_dir():
+        return target / "data" / "meshes", how
     if system.is_file():
-        target = Path(cache_dir) / "cgal-meshes"
-        if not (target / "data" / "meshes").is_dir():
-            with tarfile.open(system) as tar:
-                keep = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("data/meshes/")
-                        and m.name.endswith(".off")]
-                tar.extractall(target, members=keep, filter="data")
-        return target / "data" / "meshes", f"Debian {CGAL_PACKAGE} (installed)"
-    folder = _cgal_from_deb(Path(cache_dir))
-    if folder is None:
-        raise SmoothPurifyError(f"no CGAL meshes: install the Debian package {CGAL_PACKAGE} (or let `apt-get "
-                                "download` reach the package lists; run `apt-get update` once), or set "
-                                "pointcloud.dataset to modelnet40 with pointcloud.data_path")
-    return folder, f"Debian {CGAL_PACKAGE} (apt-get download)"
+        _extract_meshes(system, target)
+        return target / "data" / "meshes", how
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        try:
+            tarball = unpack_deb(CGAL_PACKAGE, Path(tmp) / "deb") / CGAL_TARBALL
+        except SmoothPurifyError:
+            tarball = None
+        if tarball is None or not tarball.is_file():
+            raise SmoothPurifyError(f"no CGAL meshes: install the Debian package {CGAL_PACKAGE} (or let `apt-get "
+                                    "download` reach the package lists; run `apt-get update` once), or set "
+                                    "pointcloud.dataset to modelnet40 with pointcloud.data_path")
+        _extract_meshes(tarball, target)
+    return target / "data" / "meshes", how
 
 
 def split_meshes(names: list[str], test_share: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
