@@ -334,10 +334,16 @@ def unpack_deb(package: str, target: Path) -> Path:
                                     f"{(got.stderr.strip().splitlines() or ['no package file'])[-1]}")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent))
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            unpacked = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], capture_output=True, text=True)
+            if unpacked.returncode != 0:
+                raise SmoothPurifyError(f"dpkg-deb -x {debs[0].name} failed: "
+                                        f"{(unpacked.stderr.strip().splitlines() or ['no message'])[-1]}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)   # only left when the unpacking failed
     return target
 
 
