@@ -157,7 +157,7 @@ class Objective:
         if self.distill_weight > 0:
             view, student_out = clean, outputs
             if self.distill_mixup > 0:
-                view = self.mixup_view(inputs)
+                view = self.mixup_view(clean)   # the teacher never sees an overlaid input
                 student_out = call_model(forward, view)
             with torch.no_grad():
                 teacher_out = call_model(self.teacher, view)

@@ -107,6 +107,20 @@ def test_mixup_distillation_matches_teacher_and_student_on_the_same_convex_view(
     torch.testing.assert_close(loss, Categorical().nll(model(x), y).mean() + kd)
 
 
+def test_teachers_mixup_view_is_made_from_the_clean_batch_when_overlays_are_on():
+    torch.manual_seed(0)
+    model, teacher, (x, y) = TinyCNN(), TinyCNN(), toy_data()
+    seen = []
+    obj = Objective(Categorical(), distill_weight=1.0, teacher=lambda v: seen.append(v) or teacher(v),
+                    distill_mixup=0.5, overlay_max=0.4, generator=torch.Generator().manual_seed(5))
+    obj(model, dict(model.named_parameters()), x, y, step=0)
+    # replay the generator: the overlay's draws come first, then the mixup's, made from the clean x
+    replay = Objective(Categorical(), distill_mixup=0.5, overlay_max=0.4, generator=torch.Generator().manual_seed(5))
+    overlaid = replay.overlay_view(x)
+    assert not torch.equal(overlaid, x)
+    torch.testing.assert_close(seen[0], replay.mixup_view(x))
+
+
 @pytest.mark.parametrize("option, value", [("distill_mixup", 1.0), ("overlay_max", 0.3)])
 def test_mixing_options_refuse_inputs_they_cannot_mix(option, value):
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
