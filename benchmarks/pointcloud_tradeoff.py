@@ -21,6 +21,7 @@ BAR_ASR, BAR_DROP = 12.0, 4.0
 SUMMARIES = {"today (distillation 10)": "teacher/seed1-today-d10.json", "distillation 20": "teacher/seed1-d20.json",
              "lr 0.0025": "gentle/seed1-lr0.0025.json", "feature shift 1": "gentle/seed1-shift1.json"}
 CELLS = {"turns about the up axis (R)": "views/seed1-cR1-", "teacher on mixed clouds (M)": "views/seed1-cM1-",
+         "head fitted first, LP-FT (H)": "views/seed1-cH1-",
          "no overlay (diagnostic)": "diagnostics-terms/seed1-dO0-",
          "no feature shift (diagnostic)": "diagnostics-terms/seed1-dS0-"}
 
@@ -49,7 +50,7 @@ def main() -> Path:
     points.update({k: from_cells(v) for k, v in CELLS.items()})
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.axvspan(-2, BAR_DROP, ymax=BAR_ASR / 105, color="tab:green", alpha=0.15, label="the issue's bar")
-    markers = "os^vDPX*"
+    markers = "os^vDPhX*"
     for (label, pts), marker in zip(points.items(), markers):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45, label=f"{label}: "
                    f"{sum(d <= BAR_DROP and a <= BAR_ASR for d, a in pts)} of {len(pts)} at the bar")
