@@ -6,8 +6,10 @@
 
 Modes: ``before`` calls ``purify`` without the speed-up options (run it with an older package on
 PYTHONPATH to time the code before them), ``ref`` the reference path forced on the device (float32,
-a device sync at every step), ``fp32`` / ``auto`` (the default) deferred checks + channels_last,
-``bf16`` bfloat16 autocast on top. ``--compile M`` also times method M with ``torch.compile`` (auto).
+a device sync at every step), ``fp32`` / ``auto`` (the default) deferred checks + channels_last +
+CUDA graphs, ``eager`` the same without CUDA graphs (``auto`` before them), ``rebuilt`` ``auto`` with
+f-SFT's spectral layers rebuilt once per forward instead of run factored, ``bf16`` bfloat16 autocast
+on top of ``eager``. ``--compile M`` also times method M with ``torch.compile`` (auto).
 Each purification runs at the profile's settings (100 epochs), with the modality's augmentation,
 after one untimed warm-up; ASR / ACC are measured on the test set for every run, so a speed-up
 that changed the result shows. ``--profile-methods`` adds a torch.profiler table (3 epochs) of
@@ -52,6 +54,13 @@ def _setup(args):
 def _purify_kwargs(mode: str) -> dict:
     if mode == "before":
         return {}
+    import smoothpurify.accel as accel_module
+    import smoothpurify.parametrize as parametrize_module
+    # Module flags, set for every run so that one mode's choice never leaks into the next run.
+    accel_module.CUDA_GRAPHS = mode != "eager"
+    parametrize_module.FACTORED = mode != "rebuilt"
+    if mode in ("eager", "rebuilt"):
+        return {"precision": "auto"}
     if mode == "ref":  # the reference path on the device: what a CPU runs
         import smoothpurify.purify as purify_module
         from smoothpurify.accel import REFERENCE, resolve_accel
@@ -76,7 +85,9 @@ def time_modes(args) -> dict:
     # Untimed warm-up: CUDA context, cuDNN and cuBLAS handles, the allocator's first blocks.
     purify(model, x, y, mod.likelihood, method_config("ft", {"epochs": 1}), **kw_common, **_purify_kwargs(args.modes[0]))
     t_start = time.perf_counter()
-    jobs = [(mode, m, False) for mode in args.modes for m in args.methods]
+    # "rebuilt" changes spectral layers only: the other methods are not run again.
+    jobs = [(mode, m, False) for mode in args.modes for m in args.methods
+            if mode != "rebuilt" or method_config(m).parametrization == "spectral"]
     jobs += [("auto", m, True) for m in args.compile]
     for mode, method, compiled in jobs:
         if compiled and time.perf_counter() - t_start > args.budget:
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--modes", nargs="+", default=["fp32", "auto"], choices=["before", "ref", "fp32", "auto", "bf16"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "auto"], choices=["before", "ref", "fp32", "eager", "rebuilt", "auto", "bf16"])
     ap.add_argument("--compile", nargs="*", default=[], help="methods also timed with torch.compile (auto)")
     ap.add_argument("--budget", type=float, default=240, help="seconds after which compiled runs are skipped")
     ap.add_argument("--profile-methods", nargs="*", default=[])

@@ -11,10 +11,13 @@ One :class:`Accel` says, for one loop on one device:
   stores contiguous tensors only).
 * ``defer_checks``: the loop keeps its per-step numbers (loss parts, the finiteness check) on the
   device and looks at them once per epoch, instead of waiting for the device at every step.
+* ``graphs``: CUDA graphs (:mod:`smoothpurify.cuda_graphs`): the model's forward and backward, and
+  f-SFT's fused trace step, replayed instead of launched kernel by kernel (on CUDA in ``auto`` and
+  ``fp32``; not with autocast or ``compile``; :data:`CUDA_GRAPHS` = False turns them off).
 * ``compile``: ``torch.compile`` the module the loop calls (off unless asked: it pays only when a
   run is much longer than the compilation; ft's 100 epochs took 43.6 s compiled, 6.1 s not, H200).
 
-``precision`` is the user's choice: ``"auto"`` (channels_last + deferred checks on CUDA, float32;
+``precision`` is the user's choice: ``"auto"`` (channels_last + deferred checks + graphs on CUDA, float32;
 nothing on a CPU, so CPU results are the reference path's to the bit), ``"fp32"`` (the same) or
 ``"bf16"`` (autocast on top, on any device that supports it). Autocast is not in ``"auto"``: on the
 paper profile's purification (PreActResNet-18, batches of 128 28x28 images) a step is bound by
@@ -35,6 +38,10 @@ from smoothpurify import SmoothPurifyError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
+# Whether ``auto`` / ``fp32`` use CUDA graphs on CUDA; False gives the eager GPU path (the benchmark's
+# comparison, and a way out should a model's step not be capturable).
+CUDA_GRAPHS = True
+
 
 @dataclass(frozen=True)
 class Accel:
@@ -43,6 +50,7 @@ class Accel:
     channels_last: bool = False
     defer_checks: bool = False
     compile: bool = False
+    graphs: bool = False
 
     def autocast_context(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
@@ -86,7 +94,7 @@ def resolve_accel(precision: str, device: str | torch.device, *, compile: bool =
         raise SmoothPurifyError(f"precision bf16: autocast is supported on cuda and cpu, not {device_type}")
     dtype = torch.bfloat16 if precision == "bf16" else None
     return Accel(device_type=device_type, autocast=dtype, channels_last=cuda, defer_checks=cuda,
-                 compile=compile)
+                 compile=compile, graphs=cuda and CUDA_GRAPHS and dtype is None and not compile)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.accel import FiniteGuard, resolve_accel
+from smoothpurify.cuda_graphs import CapturedStep, GraphedRunner
 from smoothpurify.fisher import fisher_diagonal, fisher_trace
 from smoothpurify.spectral_trace import spectral_fisher_trace
 from smoothpurify.likelihood import Likelihood
@@ -33,7 +34,7 @@ from smoothpurify.objective import Objective, Overlay
 from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
-from smoothpurify.tuning_step import BatchClosure, floats, fuses_trace, mean_of
+from smoothpurify.tuning_step import BatchClosure, floats, fused_trace, fuses_trace, mean_of
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 Augment = Callable[[Any, torch.Generator], Any]
@@ -191,7 +192,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     _check_data(targets)
     acc = resolve_accel(precision, device, compile=compile)
     if cfg.parametrization == "last_layer" or cfg.optimizer == "natural_gradient":
-        acc = dataclasses.replace(acc, autocast=None, compile=False)
+        acc = dataclasses.replace(acc, autocast=None, compile=False, graphs=False)
     batch_size = cfg.batch_size or len(targets)
     t0 = time.perf_counter()
     uses_head = cfg.reinit_classifier or cfg.feature_shift_weight > 0 or cfg.project_classifier_norm
@@ -259,6 +260,11 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     fused = [True] if fuses_trace(cfg, objective) else None
     guard = FiniteGuard(acc.defer_checks, cfg.name, f"lower the learning rate (now {cfg.lr})")
     runner = acc.callable(work)
+    trace_graph = None
+    if acc.graphs and not cfg.distill_mixup:  # with mixup views the runner would run twice per backward
+        runner = GraphedRunner(work)
+        if fused:
+            trace_graph = [CapturedStep(lambda bx, by: fused_trace(objective, work, params, bx, by, on_device=True))]
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
     val_loss, curves, parts, part_sums = [], [], {}, []
     steps_total = cfg.iterations or cfg.epochs * math.ceil(n / batch_size)
@@ -277,7 +283,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             if do_augment:
                 x = acc.inputs(augment(x, gen))
             closure = BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
-                                   guard, fused, runner)
+                                   guard, fused, runner, trace_graph)
             with acc.autocast_context():
                 opt.step(closure)
             parts = closure.parts if acc.defer_checks else floats(closure.parts)
@@ -304,6 +310,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             eval_seconds += time.perf_counter() - te
     bar.close()
     tuning_seconds = time.perf_counter() - t1 - eval_seconds
+    graph_captures = ((runner.captures if isinstance(runner, GraphedRunner) else 0)
+                      + (trace_graph[0].captures if trace_graph and trace_graph[0] else 0))  # shapes captured
     tuned.eval()
     merged = tuned.merge().eval()
     if acc.channels_last:  # the caller gets the default memory order (safetensors stores contiguous tensors)
@@ -318,7 +326,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         # each objective term's mean over the steps of each epoch that computed it
         "terms_per_epoch": part_sums,
         "accel": {"precision": precision, "autocast": str(acc.autocast).removeprefix("torch.") if acc.autocast else None,
-                  "channels_last": acc.channels_last, "compile": acc.compile},
+                  "channels_last": acc.channels_last, "compile": acc.compile, "cuda_graphs": graph_captures},
         "diverged": diverged(val_loss_start, val_loss[-1]),
     }
     if record["diverged"]:
