@@ -7,8 +7,10 @@
 Modes: ``before`` calls ``purify`` without the speed-up options (run it with an older package on
 PYTHONPATH to time the code before them), ``ref`` the reference path forced on the device (float32,
 a device sync at every step), ``fp32`` / ``auto`` (the default) deferred checks + channels_last +
-CUDA graphs, ``eager`` the same without CUDA graphs (``auto`` before them), ``rebuilt`` ``auto`` with
-f-SFT's spectral layers rebuilt once per forward instead of run factored, ``bf16`` bfloat16 autocast
+CUDA graphs, ``eager`` the same without CUDA graphs (``auto`` before them), ``runner`` with the model's
+forward and backward from graphs but no step captured whole, ``rebuilt`` ``auto`` with
+f-SFT's spectral layers rebuilt once per forward instead of run factored, ``autotune`` ``auto`` with
+cuDNN's per-shape algorithm search (``cudnn.benchmark``), ``bf16`` bfloat16 autocast
 on top of ``eager``. ``--compile M`` also times method M with ``torch.compile`` (auto).
 Each purification runs at the profile's settings (100 epochs), with the modality's augmentation,
 after one untimed warm-up; ASR / ACC are measured on the test set for every run, so a speed-up
@@ -55,11 +57,14 @@ def _purify_kwargs(mode: str) -> dict:
     if mode == "before":
         return {}
     import smoothpurify.accel as accel_module
+    import smoothpurify.cuda_graphs as graphs_module
     import smoothpurify.parametrize as parametrize_module
     # Module flags, set for every run so that one mode's choice never leaks into the next run.
     accel_module.CUDA_GRAPHS = mode != "eager"
+    graphs_module.CAPTURE_WHOLE_STEP = mode != "runner"
+    accel_module.CUDNN_BENCHMARK = mode == "autotune"
     parametrize_module.FACTORED = mode != "rebuilt"
-    if mode in ("eager", "rebuilt"):
+    if mode in ("eager", "runner", "rebuilt", "autotune"):
         return {"precision": "auto"}
     if mode == "ref":  # the reference path on the device: what a CPU runs
         import smoothpurify.purify as purify_module
@@ -110,8 +115,9 @@ def time_modes(args) -> dict:
         print(f"{key:24s} tuning {r['tuning']:7.2f} s  setup {r['setup']:5.2f} s  ASR {100 * r['asr']:5.1f} %  "
               f"ACC {100 * r['acc']:5.1f} %", flush=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
-    if args.profile_methods:
-        out["profiles"] = {m: _profile(model, x, y, mod, params, m, kw_common, args.modes[-1])
+    if args.profile_methods:  # METHOD (in the last mode) or MODE/METHOD
+        out["profiles"] = {m: _profile(model, x, y, mod, params, m.split("/")[-1], kw_common,
+                                       m.split("/")[0] if "/" in m else args.modes[-1])
                            for m in args.profile_methods}
     Path(args.out).write_text(json.dumps(out, indent=2))
     return out
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--modes", nargs="+", default=["fp32", "auto"], choices=["before", "ref", "fp32", "eager", "rebuilt", "auto", "bf16"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "auto"], choices=["before", "ref", "fp32", "eager", "runner", "rebuilt", "auto", "autotune", "bf16"])
     ap.add_argument("--compile", nargs="*", default=[], help="methods also timed with torch.compile (auto)")
     ap.add_argument("--budget", type=float, default=240, help="seconds after which compiled runs are skipped")
     ap.add_argument("--profile-methods", nargs="*", default=[])

@@ -38,6 +38,10 @@ from smoothpurify import SmoothPurifyError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
+# Whether ``auto`` / ``fp32`` let cuDNN time its algorithms per shape on CUDA (``cudnn.benchmark``,
+# inside the tuning steps only); off until measured to pay (README, "The fast GPU path").
+CUDNN_BENCHMARK = False
+
 # Whether ``auto`` / ``fp32`` use CUDA graphs on CUDA; False gives the eager GPU path (the benchmark's
 # comparison, and a way out should a model's step not be capturable).
 CUDA_GRAPHS = True
@@ -51,11 +55,23 @@ class Accel:
     defer_checks: bool = False
     compile: bool = False
     graphs: bool = False
+    cudnn_benchmark: bool = False
 
     def autocast_context(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.autocast)
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """Around one step: autocast, and cuDNN's per-shape algorithm search when asked."""
+        if not self.cudnn_benchmark:
+            return self.autocast_context()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast_context())
+        stack.enter_context(torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled, benchmark=True,
+            deterministic=torch.backends.cudnn.deterministic, allow_tf32=torch.backends.cudnn.allow_tf32))
+        return stack
 
     def model(self, model: nn.Module) -> nn.Module:
         """``model`` with its 4-d weights in channels_last order, when asked (in place, returned)."""
@@ -94,7 +110,8 @@ def resolve_accel(precision: str, device: str | torch.device, *, compile: bool =
         raise SmoothPurifyError(f"precision bf16: autocast is supported on cuda and cpu, not {device_type}")
     dtype = torch.bfloat16 if precision == "bf16" else None
     return Accel(device_type=device_type, autocast=dtype, channels_last=cuda, defer_checks=cuda,
-                 compile=compile, graphs=cuda and CUDA_GRAPHS and dtype is None and not compile)
+                 compile=compile, graphs=cuda and CUDA_GRAPHS and dtype is None and not compile,
+                 cudnn_benchmark=cuda and CUDNN_BENCHMARK)
 
 
 @contextlib.contextmanager

@@ -11,9 +11,12 @@ GPU path"). Two standard means, both only on CUDA (:attr:`smoothpurify.accel.Acc
   and the deferred finiteness checks work unchanged. Valid when every forward through it is followed
   by its backward before the next forward (the caller's job: one NLL forward per objective call).
 * :class:`CapturedStep`: a whole function of one batch ``(x, y)`` captured once per shape (warm-up
-  on a side stream, then :class:`torch.cuda.CUDAGraph`); f-SFT's fused trace step (forward, ghost-norm
-  backward with graph, double backward, anchor gradient) is one replay. The function must not read a
-  device value on the host (no ``float(tensor)``) and must have no side effect but its outputs.
+  on a side stream, then :class:`torch.cuda.CUDAGraph`): a step whose objective draws nothing at
+  random (forward, every term, gradients; :func:`~smoothpurify.tuning_step.plain_step`), and f-SFT's
+  fused trace step (forward, ghost-norm backward with graph, double backward, anchor gradient). The
+  function must not read a device value on the host (no ``float(tensor)``). Where the objective
+  draws at random on the host (overlays, mixup partners), only the model runs from graphs
+  (:class:`GraphedRunner`).
 
 Neither changes the math: a replay runs the kernels the eager call ran, on the same tensors.
 """
@@ -24,6 +27,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+# Whether a step whose objective draws nothing at random is captured whole (:class:`CapturedStep`:
+# forward, every term, backward) rather than through :class:`GraphedRunner` (forward and backward only);
+# False is the benchmark's comparison.
+CAPTURE_WHOLE_STEP = True
 
 # At most this many input shapes get graphs (a shuffled pass has two: full batches and the last one);
 # any further shape runs eagerly instead of holding more graph memory.
@@ -100,11 +108,14 @@ class CapturedStep:
     tensors that the next replay overwrites (the caller consumes or clones them first).
 
     ``fn`` runs eagerly ``warmup`` times on a side stream before capture (lazy initialisation of
-    cuBLAS / cuDNN must not land in the graph), so it must be free of side effects other than its
-    outputs; an exception during warm-up or capture is re-raised and the caller falls back to eager."""
+    cuBLAS / cuDNN must not land in the graph); ``module``'s buffers (batch-norm statistics a
+    training-mode forward updates) and the CUDA generator are restored after the warm-up, so ``fn``
+    must have no other side effect than its outputs and those. An exception during warm-up or capture
+    is re-raised and the caller falls back to eager."""
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], warmup: int = 2):
-        self.fn, self.warmup = fn, warmup
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Any], module: nn.Module | None = None,
+                 warmup: int = 2):
+        self.fn, self.module, self.warmup = fn, module, warmup
         self._graphs: dict[tuple, tuple] = {}
         self.captures = 0
 
@@ -123,12 +134,20 @@ class CapturedStep:
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         static_x, static_y = x.detach().clone(), y.detach().clone()
+        buffers = [(b, b.detach().clone()) for b in self.module.buffers()] if self.module is not None else []
+        rng = torch.cuda.get_rng_state(x.device)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(static_x, static_y)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(static_x, static_y)
+        finally:
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)
+            torch.cuda.set_rng_state(rng, x.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.fn(static_x, static_y)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from smoothpurify import SmoothPurifyError
 from smoothpurify.accel import FiniteGuard, resolve_accel
 from smoothpurify.cuda_graphs import CapturedStep, GraphedRunner
+from smoothpurify import cuda_graphs
 from smoothpurify.fisher import fisher_diagonal, fisher_trace
 from smoothpurify.spectral_trace import spectral_fisher_trace
 from smoothpurify.likelihood import Likelihood
@@ -34,7 +35,7 @@ from smoothpurify.objective import Objective, Overlay
 from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
-from smoothpurify.tuning_step import BatchClosure, floats, fused_trace, fuses_trace, mean_of
+from smoothpurify.tuning_step import BatchClosure, floats, fused_trace, fuses_trace, mean_of, plain_step
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 Augment = Callable[[Any, torch.Generator], Any]
@@ -174,6 +175,21 @@ def _freeze_batch_norm(model: nn.Module) -> None:
             m.eval()
 
 
+def _cuda_graphs(cfg: MethodConfig, objective: Objective, work: nn.Module, params: dict[str, torch.Tensor],
+                 fused: list[bool] | None) -> dict[str, CapturedStep]:
+    """The loop's whole-step CUDA graphs: a step without the trace term where the objective draws
+    nothing at random on the host (no overlay, no mixup views) and some step has no trace term, and
+    f-SFT's fused trace step."""
+    graphs = {}
+    if (cuda_graphs.CAPTURE_WHOLE_STEP and not cfg.overlay_max and not cfg.distill_mixup
+            and not (cfg.trace_weight > 0 and cfg.trace_every == 1)):
+        graphs["plain"] = CapturedStep(lambda bx, by: plain_step(objective, work, params, bx, by), module=work)
+    if fused:
+        graphs["trace"] = CapturedStep(lambda bx, by: fused_trace(objective, work, params, bx, by, on_device=True),
+                                       module=work)
+    return graphs
+
+
 def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, config: MethodConfig,
            *, classifier: str | None = None, seed: int = 0, device: str = "cpu", evaluate: Evaluate | None = None,
            eval_every: int | None = None, progress: bool = True, augment: Augment | None = None,
@@ -260,11 +276,9 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     fused = [True] if fuses_trace(cfg, objective) else None
     guard = FiniteGuard(acc.defer_checks, cfg.name, f"lower the learning rate (now {cfg.lr})")
     runner = acc.callable(work)
-    trace_graph = None
-    if acc.graphs and not cfg.distill_mixup:  # with mixup views the runner would run twice per backward
-        runner = GraphedRunner(work)
-        if fused:
-            trace_graph = [CapturedStep(lambda bx, by: fused_trace(objective, work, params, bx, by, on_device=True))]
+    graphs = _cuda_graphs(cfg, objective, work, params, fused) if acc.graphs else None
+    if acc.graphs and graphs.get("plain") is None and not cfg.distill_mixup:
+        runner = GraphedRunner(work)  # not with mixup views: the runner would run twice per backward
     n, step, eval_seconds = num_samples(work_inputs), 0, 0.0
     val_loss, curves, parts, part_sums = [], [], {}, []
     steps_total = cfg.iterations or cfg.epochs * math.ceil(n / batch_size)
@@ -283,8 +297,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             if do_augment:
                 x = acc.inputs(augment(x, gen))
             closure = BatchClosure(opt, objective, work, params, x, y, step, cfg, f"epoch {epoch}, step {step}",
-                                   guard, fused, runner, trace_graph)
-            with acc.autocast_context():
+                                   guard, fused, runner, graphs)
+            with acc.step_context():
                 opt.step(closure)
             parts = closure.parts if acc.defer_checks else floats(closure.parts)
             if head_norm is not None:
@@ -310,8 +324,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
             eval_seconds += time.perf_counter() - te
     bar.close()
     tuning_seconds = time.perf_counter() - t1 - eval_seconds
-    graph_captures = ((runner.captures if isinstance(runner, GraphedRunner) else 0)
-                      + (trace_graph[0].captures if trace_graph and trace_graph[0] else 0))  # shapes captured
+    graph_captures = ((runner.captures if isinstance(runner, GraphedRunner) else 0)  # shapes captured
+                      + sum(g.captures for g in (graphs or {}).values() if g is not None))
     tuned.eval()
     merged = tuned.merge().eval()
     if acc.channels_last:  # the caller gets the default memory order (safetensors stores contiguous tensors)
@@ -326,7 +340,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         # each objective term's mean over the steps of each epoch that computed it
         "terms_per_epoch": part_sums,
         "accel": {"precision": precision, "autocast": str(acc.autocast).removeprefix("torch.") if acc.autocast else None,
-                  "channels_last": acc.channels_last, "compile": acc.compile, "cuda_graphs": graph_captures},
+                  "channels_last": acc.channels_last, "compile": acc.compile, "cuda_graphs": graph_captures,
+                  "cudnn_benchmark": acc.cudnn_benchmark},
         "diverged": diverged(val_loss_start, val_loss[-1]),
     }
     if record["diverged"]:

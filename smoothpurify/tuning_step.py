@@ -10,7 +10,7 @@ natural-gradient optimizer the batch's Fisher.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from smoothpurify.optim import NaturalGradient
 from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
 
 # f-SFT's trace steps through spectral_trace.spectral_trace_step (one forward instead of three passes,
-# BatchClosure._fused_trace_step); False: every step through Objective (the reference path).
+# fused_trace); False: every step through Objective (the reference path).
 FUSED_SPECTRAL_TRACE = True
 
 
@@ -97,24 +97,36 @@ def fused_trace(obj: Objective, model: nn.Module, params: dict[str, torch.Tensor
     return total, parts, grads
 
 
+def plain_step(obj: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any, y: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor | None]]:
+    """``(loss, parts, gradient per parameter)`` of a step without the trace term, the gradients from
+    :func:`torch.autograd.grad` (None where a parameter is unused, as ``backward()`` leaves it): what a
+    step captured whole in a CUDA graph computes. Only for objectives whose trace term is off or not
+    due at every step (``step=1`` must be a step without it)."""
+    loss, parts = obj(model, params, x, y, 1)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return loss.detach(), parts, dict(zip(params, grads))
+
+
 class BatchClosure:
     """The loss of this step's batch for ``optimizer.step(closure)``: clears the gradients, evaluates
     the objective, checks it is finite, backpropagates (and clips). ``curvature(opt)`` hands a
     natural-gradient optimizer the batch's Fisher (exact, or K-FAC factors on a linear classifier).
     With ``fused`` (a one-element list, set to False once the model turns out not to allow it),
-    f-SFT's trace steps go through :meth:`_fused_trace_step`. ``runner`` is what computes the
+    f-SFT's trace steps go through :func:`fused_trace`. ``runner`` is what computes the
     NLL's forward (``model`` itself, its ``torch.compile`` wrapper or a
     :class:`~smoothpurify.cuda_graphs.GraphedRunner`); ``guard`` checks the loss is finite (at once, or
-    deferred to the epoch's end on a GPU); ``trace_graph`` (a one-element list) holds the CUDA graph of
-    f-SFT's fused trace step, None once capture failed."""
+    deferred to the epoch's end on a GPU); ``graphs`` holds the loop's CUDA graphs (``"plain"``: a step
+    without the trace term captured whole, ``"trace"``: f-SFT's fused trace step), shared by every
+    step's closure; an entry is set to None once its capture failed."""
 
     def __init__(self, opt, objective: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any,
                  y: torch.Tensor, step: int, cfg: MethodConfig, where: str, guard: FiniteGuard,
                  fused: list[bool] | None = None, runner: nn.Module | None = None,
-                 trace_graph: list[CapturedStep | None] | None = None):
+                 graphs: dict[str, CapturedStep | None] | None = None):
         self.opt, self.objective, self.model, self.params = opt, objective, model, params
         self.x, self.y, self.step, self.cfg, self.where = x, y, step, cfg, where
-        self.guard, self.fused, self.runner, self.trace_graph = guard, fused, runner, trace_graph
+        self.guard, self.fused, self.runner, self.graphs = guard, fused, runner, graphs
         self.parts: dict[str, torch.Tensor | float] = {}
 
     def _check(self, loss: torch.Tensor) -> None:
@@ -123,13 +135,18 @@ class BatchClosure:
     def __call__(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         obj = self.objective
+        trace_step = obj.trace_weight > 0 and self.step % obj.trace_every == 0
         if self.fused and self.fused[0] and self.step % obj.trace_every == 0:
-            loss = self._fused_trace_step()
-            if loss is not None:
-                return loss
+            out = self._replayed("trace", lambda: fused_trace(obj, self.model, self.params, self.x, self.y))
+            if out is not None:
+                return self._apply(*out)
             self.fused[0] = False
+        if not trace_step and self.graphs and self.graphs.get("plain") is not None:
+            out = self._replayed("plain", lambda: None)
+            if out is not None:
+                return self._apply(*out)
         runner = self.runner
-        if isinstance(runner, GraphedRunner) and obj.trace_weight > 0 and self.step % obj.trace_every == 0:
+        if isinstance(runner, GraphedRunner) and trace_step:
             runner = None  # the trace differentiates the NLL more than once: not through replayed graphs
         loss, self.parts = obj(self.model, self.params, self.x, self.y, self.step, runner=runner)
         self._check(loss)
@@ -138,27 +155,27 @@ class BatchClosure:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
         return loss
 
-    def _fused_trace_step(self) -> torch.Tensor | None:
-        """What ``Objective.__call__`` and ``backward()`` compute on a trace step (same parts, same
-        step bound, same gradient), from :func:`fused_trace` (one ghost-norm pass instead of five
-        forward/backward passes), replayed from a CUDA graph when the loop has one
-        (``trace_graph``); ``None`` if the model does not allow it."""
-        graph = self.trace_graph[0] if self.trace_graph else None
-        if graph is not None:
-            try:
-                out = graph(self.x, self.y)
-            except RuntimeError as err:  # this model's step cannot be captured: eager from now on
-                warnings.warn(f"{self.cfg.name}: the trace step runs eagerly (CUDA graph capture failed: {err})",
-                              RuntimeWarning, stacklevel=2)
-                self.trace_graph[0] = None
-                out = fused_trace(self.objective, self.model, self.params, self.x, self.y)
-            else:  # the graph's outputs are overwritten by its next replay
-                out = None if out is None else (out[0].clone(), {k: v.clone() for k, v in out[1].items()}, out[2])
-        else:
-            out = fused_trace(self.objective, self.model, self.params, self.x, self.y)
+    def _replayed(self, kind: str, eager: Callable[[], tuple | None]) -> tuple | None:
+        """``(loss, parts, grads)`` from the loop's CUDA graph ``kind``, cloned where the next replay
+        would overwrite them; ``eager()`` where there is no such graph or its capture fails."""
+        graph = self.graphs.get(kind) if self.graphs else None
+        if graph is None:
+            return eager()
+        try:
+            out = graph(self.x, self.y)
+        except RuntimeError as err:  # this model's step cannot be captured: eager from now on
+            warnings.warn(f"{self.cfg.name}: the {kind} step runs eagerly (CUDA graph capture failed: {err})",
+                          RuntimeWarning, stacklevel=3)
+            self.graphs[kind] = None
+            return eager()
         if out is None:
             return None
         total, parts, grads = out
+        return total.clone(), {k: v.clone() for k, v in parts.items()}, grads
+
+    def _apply(self, total: torch.Tensor, parts: dict[str, Any], grads: dict[str, torch.Tensor | None]
+               ) -> torch.Tensor:
+        """Hand a computed step to the optimizer: check the loss, set the gradients, clip."""
         self._check(total)
         for n, p in self.params.items():
             p.grad = grads[n]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import smoothpurify.accel as accel_module
+import smoothpurify.cuda_graphs as graphs_module
 from smoothpurify.accel import resolve_accel
 from smoothpurify.cuda_graphs import GraphedRunner
 from smoothpurify.likelihood import Categorical
@@ -18,7 +19,7 @@ from smoothpurify.objective import Objective
 from smoothpurify.parametrize import prepare
 from smoothpurify.purify import purify
 from smoothpurify.spectral_trace import spectral_fisher_trace
-from smoothpurify.tuning_step import fused_trace
+from smoothpurify.tuning_step import fused_trace, plain_step
 
 CE = Categorical()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -91,21 +92,52 @@ def test_device_side_step_bound_equals_the_hosts(trace_weight, bound_active):
         torch.testing.assert_close(dev_grads[n], host_grads[n], rtol=1e-10, atol=1e-14)
 
 
-def _purify(method: str, graphs: bool, monkeypatch, **overrides):
+def test_plain_step_gives_the_gradients_backward_gives():
+    """The function a whole-step graph captures: loss, parts and gradients as the eager closure's
+    ``backward()`` leaves them, None for a parameter the loss does not use."""
+    x, y = data()
+    model = SmallCNN().double()
+    model.unused = nn.Linear(2, 2).double()
+    tuned = prepare(model, "full")
+    tuned.train()
+    params = tuned.named_tuned()
+    obj = Objective(CE, trace_weight=1e-3, trace_every=10, trace_fn=spectral_fisher_trace, anchor_weight=3.0)
+    anchored = {n: p for n, p in params.items() if not n.startswith("unused.")}
+    obj.fisher_diag = {n: torch.rand_like(p) for n, p in anchored.items()}
+    obj.anchor = {n: p.detach() + 0.1 for n, p in anchored.items()}
+    state = copy.deepcopy(tuned.model.state_dict())
+    loss, parts, grads = plain_step(obj, tuned.model, params, x, y)
+    tuned.model.load_state_dict(state)  # the batch-norm statistics one training forward moved
+    ref_loss, ref_parts = obj(tuned.model, params, x, y, 1)
+    ref_loss.backward()
+    assert set(parts) == set(ref_parts) == {"nll", "anchor"}
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=0, atol=0)
+    for n, p in params.items():
+        if n.startswith("unused."):
+            assert grads[n] is None and p.grad is None
+        else:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-15)
+
+
+def _purify(method: str, graphs: bool, monkeypatch, whole: bool = True, **overrides):
     monkeypatch.setattr(accel_module, "CUDA_GRAPHS", graphs)
+    monkeypatch.setattr(graphs_module, "CAPTURE_WHOLE_STEP", whole)
     x, y = data(dtype=torch.float32)
     cfg = method_config(method, {"epochs": 4, "batch_size": 16, "trace_every": 3, "augment": False, **overrides})
     return purify(SmallCNN(), x, y, CE, cfg, seed=2, device="cuda", progress=False)
 
 
 @cuda
-@pytest.mark.parametrize("method", ["ft", "ft-sam", "fsft", "sft"])
-def test_a_graphed_run_equals_the_eager_run_on_the_gpu(method, monkeypatch):
+@pytest.mark.parametrize("method, whole", [(m, w) for m in ("ft", "ft-sam", "fsft", "sft") for w in (True, False)]
+                         + [("recommended", True)])
+def test_a_graphed_run_equals_the_eager_run_on_the_gpu(method, whole, monkeypatch):
     """Same seed, the whole loop on the GPU with graphs and without: 40 samples in batches of 16 give
     two shapes (both captured), ft trains batch norm (the capture's warm-up must not move its
-    statistics), f-SFT's trace steps replay the captured fused step."""
-    eager = _purify(method, False, monkeypatch)
-    graphed = _purify(method, True, monkeypatch)
+    statistics), f-SFT's trace steps replay the captured fused step; steps captured whole, or only
+    the model's forward and backward (``whole`` False, and ``recommended``, whose overlay is drawn
+    on the host)."""
+    eager = _purify(method, False, monkeypatch, whole)
+    graphed = _purify(method, True, monkeypatch, whole)
     assert eager.record["accel"]["cuda_graphs"] == 0
     assert graphed.record["accel"]["cuda_graphs"] >= 2
     sd_e, sd_g = eager.model.state_dict(), graphed.model.state_dict()
@@ -131,3 +163,13 @@ def test_graphed_runner_restores_what_its_warm_up_changed():
     for k, v in model.state_dict().items():  # statistics moved by exactly one batch, as eagerly
         torch.testing.assert_close(v, eager.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
     assert runner.captures == 1
+
+
+def test_cudnn_benchmark_is_scoped_to_the_step(monkeypatch):
+    monkeypatch.setattr(accel_module, "CUDNN_BENCHMARK", True)
+    acc = resolve_accel("auto", "cuda")
+    assert acc.cudnn_benchmark and not resolve_accel("auto", "cpu").cudnn_benchmark
+    before = torch.backends.cudnn.benchmark
+    with acc.step_context():
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
