@@ -89,7 +89,11 @@ class GraphedRunner(nn.Module):
         shell = _Shell(self.module)
         sample = tuple(a.detach().clone() for a in args)  # clone keeps the memory format
         try:
-            graphed = torch.cuda.make_graphed_callables(shell, sample, allow_unused_input=True)
+            with warnings.catch_warnings():
+                # The warm-up's backward runs on a side stream while the parameters' gradient
+                # accumulators were made on the default one: torch warns of a possible sync, once.
+                warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+                graphed = torch.cuda.make_graphed_callables(shell, sample, allow_unused_input=True)
             self.captures += 1
         except (RuntimeError, AssertionError) as err:
             warnings.warn(f"{type(self.module).__name__}: runs eagerly (CUDA graph capture failed: {err})",
