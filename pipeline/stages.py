@@ -8,12 +8,14 @@ finished stage.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-from smoothpurify import SmoothPurifyError
+from smoothpurify import NonFiniteLoss, SmoothPurifyError
 from smoothpurify.checkpoint import save_checkpoint, write_json
 from smoothpurify.methods import PRESETS
+from smoothpurify.purify import PurifyResult
 from smoothpurify.runner import make_runner
 from pipeline.params import file_hash, fingerprint
 from modalities.contract import get_modality, method_defaults
@@ -139,6 +141,14 @@ def method_runner(params: dict[str, Any], method: str, modality: str | None = No
                        precision=section.get("precision") or "auto")
 
 
+def _blown_up(model: Any, method: str, settings: dict[str, Any], err: NonFiniteLoss, evaluate: Any) -> PurifyResult:
+    """One cell's loss became NaN: the model as received stands for its result, marked diverged (so
+    it is never called best, and says why), and the other cells still run."""
+    warnings.warn(f"{method}: {err}; recorded as diverged, the model kept as received", RuntimeWarning, stacklevel=3)
+    return PurifyResult(model, {"method": method, "config": settings, "diverged": True,
+                                "diverged_reason": f"loss became non-finite ({err})", "metrics": evaluate(model)})
+
+
 def purify(modality: str, params: dict[str, Any], attack: str, method: str, force: bool = False,
            progress: bool = True) -> dict[str, Any]:
     """Purify the ``attack`` model with ``method`` on the clean validation split; evaluate before/after.
@@ -172,9 +182,12 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
 
     before = _backdoored_metrics(run, attack) or evaluate_on_test(model)
     evaluate_curve = with_lambda_max(evaluate_on_test, run, attack) if curve_every else evaluate_on_test
-    result = run_method(model, x, y, mod.likelihood, seed=run.seed, device=run.device, evaluate=evaluate_curve,
-                        eval_every=curve_every or None, progress=progress, augment=mod.augment,
-                        overlay=getattr(mod, "overlay", None))
+    try:
+        result = run_method(model, x, y, mod.likelihood, seed=run.seed, device=run.device, evaluate=evaluate_curve,
+                            eval_every=curve_every or None, progress=progress, augment=mod.augment,
+                            overlay=getattr(mod, "overlay", None))
+    except NonFiniteLoss as err:
+        result = _blown_up(model, method, settings, err, evaluate_on_test)
     save_checkpoint(out / "model.safetensors", result.model.cpu(),
                     {**{k: v for k, v in meta.items() if k != "fingerprint"}, "purified_by": method,
                      "purify_config": settings})

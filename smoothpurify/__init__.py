@@ -15,3 +15,8 @@ class SmoothPurifyError(Exception):
 
     def __str__(self) -> str:
         return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
+
+class NonFiniteLoss(SmoothPurifyError):
+    """A tuning or defense loss became NaN or infinite: the run cannot go on (lower its learning
+    rate). A pipeline may record the cell as diverged and go on with the others."""

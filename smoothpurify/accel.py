@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from smoothpurify import SmoothPurifyError
+from smoothpurify import NonFiniteLoss, SmoothPurifyError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -130,7 +130,7 @@ class FiniteGuard:
         self._pending: list[tuple[torch.Tensor, str]] = []
 
     def _fail(self, value: float, where: str) -> None:
-        raise SmoothPurifyError(f"{self.what}: loss became {value} at {where}; {self.hint}")
+        raise NonFiniteLoss(f"{self.what}: loss became {value} at {where}; {self.hint}")
 
     def check(self, loss: torch.Tensor, where: str) -> None:
         if self.defer:

@@ -92,3 +92,21 @@ def test_purify_reuses_the_evaluate_stage_metrics_of_the_same_model_only(tiny_pa
     rec["backdoored_model"] = "another model"
     path.write_text(json.dumps(rec))
     assert pipeline.purify("image", tiny_params, "badnets", "ngf", force=True, progress=False)["before"]["asr"] != 0.123
+
+
+def test_a_cell_whose_loss_blows_up_is_recorded_diverged_and_the_next_cell_runs(tiny_params):
+    """A learning rate far too high makes ft's loss NaN: the stage keeps the model as received,
+    marks the cell diverged with the reason, writes every output the later stages read, and the
+    next method's cell runs as usual."""
+    tiny_params["purify"]["overrides"] = {"ft": {"lr": 1e12}}
+    pipeline.prepare("image", tiny_params)
+    pipeline.train_attack("image", tiny_params, "badnets", progress=False)
+    with pytest.warns(RuntimeWarning, match="ft: ft: loss became"):
+        rec = pipeline.purify("image", tiny_params, "badnets", "ft", progress=False)
+    assert rec["diverged"] and rec["diverged_reason"].startswith("loss became non-finite (ft: loss became")
+    assert rec["after"] == rec["before"]  # the model as received, evaluated again
+    assert rec["config"]["lr"] == 1e12
+    run = pipeline.Run("image", tiny_params)
+    assert (run.purified_dir("badnets", "ft") / "model.safetensors").is_file()
+    assert run.cell_metrics("badnets", "ft").is_file()
+    assert not pipeline.purify("image", tiny_params, "badnets", "ngf", progress=False)["diverged"]

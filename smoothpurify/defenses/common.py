@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from smoothpurify import SmoothPurifyError
+from smoothpurify import NonFiniteLoss, SmoothPurifyError
 from smoothpurify.metrics import correct, model_accuracy as accuracy  # noqa: F401 - defenses import them here
 from smoothpurify.model import call_model
 from smoothpurify.purify import PurifyResult
@@ -67,7 +67,7 @@ def mean_nll(model: nn.Module, likelihood: Any, x: Any, y: torch.Tensor) -> torc
 def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, defense: str, where: str, hint: str) -> float:
     """One optimiser step on ``loss``; a non-finite loss stops the defense with one clear line."""
     if not torch.isfinite(loss):
-        raise SmoothPurifyError(f"defense {defense}: loss became {float(loss)} at {where}; {hint}")
+        raise NonFiniteLoss(f"defense {defense}: loss became {float(loss)} at {where}; {hint}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
