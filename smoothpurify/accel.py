@@ -28,6 +28,7 @@ where a step is compute-bound (large inputs or batches): pass ``bf16`` there.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -43,8 +44,14 @@ PRECISIONS = ("auto", "fp32", "bf16")
 CUDNN_BENCHMARK = False
 
 # Whether ``auto`` / ``fp32`` use CUDA graphs on CUDA; False gives the eager GPU path (the benchmark's
-# comparison, and a way out should a model's step not be capturable).
+# comparison). Users turn them off with the environment variable SMOOTHPURIFY_CUDA_GRAPHS=0: each
+# captured step keeps its own activations (up to three sets: two batch shapes and f-SFT's trace step),
+# which a large model on a small GPU may not afford.
 CUDA_GRAPHS = True
+
+
+def graphs_wanted() -> bool:
+    return CUDA_GRAPHS and os.environ.get("SMOOTHPURIFY_CUDA_GRAPHS", "1").strip() != "0"
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ def resolve_accel(precision: str, device: str | torch.device, *, compile: bool =
         raise SmoothPurifyError(f"precision bf16: autocast is supported on cuda and cpu, not {device_type}")
     dtype = torch.bfloat16 if precision == "bf16" else None
     return Accel(device_type=device_type, autocast=dtype, channels_last=cuda, defer_checks=cuda,
-                 compile=compile, graphs=cuda and CUDA_GRAPHS and dtype is None and not compile,
+                 compile=compile, graphs=cuda and graphs_wanted() and dtype is None and not compile,
                  cudnn_benchmark=cuda and CUDNN_BENCHMARK)
 
 

@@ -54,6 +54,10 @@ def test_graphs_are_part_of_auto_on_cuda_only(monkeypatch):
     assert not resolve_accel("auto", "cpu").graphs
     assert not resolve_accel("bf16", "cuda").graphs            # autocast: not captured
     assert not resolve_accel("auto", "cuda", compile=True).graphs
+    monkeypatch.setenv("SMOOTHPURIFY_CUDA_GRAPHS", "0")  # the user's switch
+    assert not resolve_accel("auto", "cuda").graphs
+    monkeypatch.setenv("SMOOTHPURIFY_CUDA_GRAPHS", "1")
+    assert resolve_accel("auto", "cuda").graphs
     monkeypatch.setattr(accel_module, "CUDA_GRAPHS", False)
     assert not resolve_accel("auto", "cuda").graphs
 
