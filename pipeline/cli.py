@@ -187,8 +187,9 @@ def purify(
                                                 "method's setting); off where a shift changes the label"),
     modality: str = ModalityOpt,
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    precision: str = typer.Option("auto", help="auto (GPU: channels_last, deferred checks; CPU: unchanged), fp32, "
-                                               "or bf16 (autocast; pays on large inputs, README 'The fast GPU path')"),
+    precision: str = typer.Option("auto", help="auto (GPU: channels_last, deferred checks, CUDA graphs; "
+                                               "CPU: unchanged), fp32, or bf16 (autocast; pays on large inputs, "
+                                               "README 'The fast GPU path')"),
     seed: int = typer.Option(0),
     keep_diverged: bool = typer.Option(False, help="write the model even when the method diverged or destroyed "
                                                    "clean accuracy (it is then not a purified model)"),
