@@ -75,6 +75,22 @@ def anchor_penalty(params: dict[str, torch.Tensor], fisher_diag: dict[str, torch
     return torch.stack([t.sum() for t in terms]).sum()
 
 
+def anchor_penalty_and_grad(params: dict[str, torch.Tensor], fisher_diag: dict[str, torch.Tensor],
+                            anchor: dict[str, torch.Tensor], weight: float
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_r`` and the gradient of ``weight / 2 * L_r``, ``weight * Fbar (theta - thetabar)``, without
+    autograd (exact: ``L_r`` is quadratic). A handful of multi-tensor kernels for every tensor at once
+    instead of ``L_r``'s graph and its backward: what a step replayed from a CUDA graph wants. ``Fbar``
+    is a Fisher diagonal (>= 0), so each tensor's sum of ``Fbar d^2`` is its L1 norm."""
+    names = [n for n in params if n in anchor]
+    with torch.no_grad():
+        diff = torch._foreach_sub([params[n] for n in names], [anchor[n] for n in names])
+        weighted = torch._foreach_mul(diff, [fisher_diag[n] for n in names])
+        penalty = torch.stack(torch._foreach_norm(torch._foreach_mul(weighted, diff), 1)).sum()
+        grads = torch._foreach_mul(weighted, weight)
+    return penalty, dict(zip(names, grads))
+
+
 @dataclass
 class Objective:
     likelihood: Likelihood
@@ -127,10 +143,13 @@ class Objective:
         return 1.0 if n_term == 0 else min(1.0, norm(g_nll) / n_term)
 
     def __call__(self, model: nn.Module, params: dict[str, torch.Tensor], inputs: Any,
-                 targets: torch.Tensor, step: int,
-                 runner: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+                 targets: torch.Tensor, step: int, runner: nn.Module | None = None,
+                 anchor_grads: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Total loss for this step, and its parts for the record (detached tensors, so that reading
-        them waits for the device only when the loop chooses; ``trace_scale`` is a float).
+        them waits for the device only when the loop chooses; ``trace_scale`` is a float). With
+        ``anchor_grads`` (a dict to fill), ``L_r`` enters the total as a value without graph and its
+        gradient is written there instead (:func:`anchor_penalty_and_grad`).
 
         Under autocast the NLL and the other terms follow it; the Fisher trace runs in float32 (:func:`full_precision`)."""
         clean = inputs
@@ -151,7 +170,11 @@ class Objective:
             total = total + weight * trace
             parts["trace_f"] = trace.detach()
         if self.anchor_weight > 0:
-            penalty = anchor_penalty(params, self.fisher_diag, self.anchor)
+            if anchor_grads is None:
+                penalty = anchor_penalty(params, self.fisher_diag, self.anchor)
+            else:
+                penalty, grads = anchor_penalty_and_grad(params, self.fisher_diag, self.anchor, self.anchor_weight)
+                anchor_grads.update(grads)
             total = total + 0.5 * self.anchor_weight * penalty
             parts["anchor"] = penalty.detach()
         if self.distill_weight > 0:

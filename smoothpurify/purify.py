@@ -183,7 +183,8 @@ def _cuda_graphs(cfg: MethodConfig, objective: Objective, work: nn.Module, param
     graphs = {}
     if (cuda_graphs.CAPTURE_WHOLE_STEP and not cfg.overlay_max and not cfg.distill_mixup
             and not (cfg.trace_weight > 0 and cfg.trace_every == 1)):
-        graphs["plain"] = CapturedStep(lambda bx, by: plain_step(objective, work, params, bx, by), module=work)
+        graphs["plain"] = CapturedStep(lambda bx, by: plain_step(objective, work, params, bx, by, on_device=True),
+                                       module=work)
     if fused:
         graphs["trace"] = CapturedStep(lambda bx, by: fused_trace(objective, work, params, bx, by, on_device=True),
                                        module=work)

@@ -20,7 +20,7 @@ from smoothpurify.accel import FiniteGuard, full_precision
 from smoothpurify.cuda_graphs import CapturedStep, GraphedRunner
 from smoothpurify.fisher import per_sample_grads
 from smoothpurify.methods import MethodConfig
-from smoothpurify.objective import Objective, anchor_penalty
+from smoothpurify.objective import Objective, anchor_penalty, anchor_penalty_and_grad
 from smoothpurify.optim import NaturalGradient
 from smoothpurify.spectral_trace import spectral_fisher_trace, spectral_trace_step
 
@@ -87,25 +87,41 @@ def fused_trace(obj: Objective, model: nn.Module, params: dict[str, torch.Tensor
     parts["trace_f"] = trace.detach()
     grads = {n: g_nll[n] + weight * g_trace[n] for n in params}
     if obj.anchor_weight > 0:
-        penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
-        scaled = 0.5 * obj.anchor_weight * penalty
-        for n, g in zip(params, torch.autograd.grad(scaled, list(params.values()), allow_unused=True)):
-            if g is not None:
-                grads[n] = grads[n] + g
+        if on_device:
+            penalty, anchor_grads = anchor_penalty_and_grad(params, obj.fisher_diag, obj.anchor, obj.anchor_weight)
+            grads = add_grads(grads, anchor_grads)
+            scaled = 0.5 * obj.anchor_weight * penalty
+        else:
+            penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
+            scaled = 0.5 * obj.anchor_weight * penalty
+            for n, g in zip(params, torch.autograd.grad(scaled, list(params.values()), allow_unused=True)):
+                if g is not None:
+                    grads[n] = grads[n] + g
         total = total + scaled.detach()
         parts["anchor"] = penalty.detach()
     return total, parts, grads
 
 
-def plain_step(obj: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any, y: torch.Tensor
-               ) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor | None]]:
+def add_grads(grads: dict[str, torch.Tensor | None], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """``grads`` plus ``extra`` per name (one multi-tensor add; an absent or None gradient takes ``extra``'s)."""
+    both = [n for n in extra if grads.get(n) is not None]
+    out = dict(grads)
+    out.update(zip(both, torch._foreach_add([grads[n] for n in both], [extra[n] for n in both])))
+    out.update({n: g for n, g in extra.items() if n not in both})
+    return out
+
+
+def plain_step(obj: Objective, model: nn.Module, params: dict[str, torch.Tensor], x: Any, y: torch.Tensor,
+               on_device: bool = False) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor | None]]:
     """``(loss, parts, gradient per parameter)`` of a step without the trace term, the gradients from
     :func:`torch.autograd.grad` (None where a parameter is unused, as ``backward()`` leaves it): what a
-    step captured whole in a CUDA graph computes. Only for objectives whose trace term is off or not
-    due at every step (``step=1`` must be a step without it)."""
-    loss, parts = obj(model, params, x, y, 1)
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return loss.detach(), parts, dict(zip(params, grads))
+    step captured whole in a CUDA graph computes; ``on_device``, the anchor's gradient in closed form
+    (:func:`~smoothpurify.objective.anchor_penalty_and_grad`: fewer kernels). Only for objectives whose
+    trace term is off or not due at every step (``step=1`` must be a step without it)."""
+    anchor_grads: dict[str, torch.Tensor] | None = {} if on_device else None
+    loss, parts = obj(model, params, x, y, 1, anchor_grads=anchor_grads)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    return loss.detach(), parts, add_grads(grads, anchor_grads) if anchor_grads else grads
 
 
 class BatchClosure:

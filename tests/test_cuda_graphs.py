@@ -15,7 +15,7 @@ from smoothpurify.accel import resolve_accel
 from smoothpurify.cuda_graphs import GraphedRunner
 from smoothpurify.likelihood import Categorical
 from smoothpurify.methods import method_config
-from smoothpurify.objective import Objective
+from smoothpurify.objective import Objective, anchor_penalty, anchor_penalty_and_grad
 from smoothpurify.parametrize import prepare
 from smoothpurify.purify import purify
 from smoothpurify.spectral_trace import spectral_fisher_trace
@@ -96,6 +96,21 @@ def test_device_side_step_bound_equals_the_hosts(trace_weight, bound_active):
         torch.testing.assert_close(dev_grads[n], host_grads[n], rtol=1e-10, atol=1e-14)
 
 
+def test_the_anchor_in_closed_form_equals_its_autograd():
+    g = torch.Generator().manual_seed(4)
+    shapes = {"a": (3, 4), "b": (5,), "c": (2, 2, 3)}
+    params = {n: torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for n, s in shapes.items()}
+    fisher = {n: torch.rand(s, generator=g, dtype=torch.float64) for n, s in shapes.items() if n != "c"}
+    anchor = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items() if n != "c"}
+    penalty, grads = anchor_penalty_and_grad(params, fisher, anchor, 3.0)
+    ref = anchor_penalty(params, fisher, anchor)
+    ref_grads = torch.autograd.grad(1.5 * ref, [params["a"], params["b"]])
+    torch.testing.assert_close(penalty, ref.detach(), rtol=1e-13, atol=0)
+    assert set(grads) == {"a", "b"} and not penalty.requires_grad
+    for n, r in zip(("a", "b"), ref_grads):
+        torch.testing.assert_close(grads[n], r, rtol=1e-13, atol=0)
+
+
 def test_plain_step_gives_the_gradients_backward_gives():
     """The function a whole-step graph captures: loss, parts and gradients as the eager closure's
     ``backward()`` leaves them, None for a parameter the loss does not use."""
@@ -112,6 +127,15 @@ def test_plain_step_gives_the_gradients_backward_gives():
     state = copy.deepcopy(tuned.model.state_dict())
     loss, parts, grads = plain_step(obj, tuned.model, params, x, y)
     tuned.model.load_state_dict(state)  # the batch-norm statistics one training forward moved
+    dev_loss, dev_parts, dev_grads = plain_step(obj, tuned.model, params, x, y, on_device=True)
+    tuned.model.load_state_dict(state)
+    torch.testing.assert_close(dev_loss, loss, rtol=1e-12, atol=0)  # the anchor in closed form
+    torch.testing.assert_close(dev_parts["anchor"], parts["anchor"], rtol=1e-12, atol=0)
+    assert list(dev_parts) == list(parts)
+    for n in params:
+        assert (dev_grads[n] is None) == (grads[n] is None)
+        if grads[n] is not None:
+            torch.testing.assert_close(dev_grads[n], grads[n], rtol=1e-12, atol=1e-15)
     ref_loss, ref_parts = obj(tuned.model, params, x, y, 1)
     ref_loss.backward()
     assert set(parts) == set(ref_parts) == {"nll", "anchor"}
