@@ -89,15 +89,12 @@ def fused_trace(obj: Objective, model: nn.Module, params: dict[str, torch.Tensor
     if obj.anchor_weight > 0:
         if on_device:
             penalty, anchor_grads = anchor_penalty_and_grad(params, obj.fisher_diag, obj.anchor, obj.anchor_weight)
-            grads = add_grads(grads, anchor_grads)
-            scaled = 0.5 * obj.anchor_weight * penalty
         else:
             penalty = anchor_penalty(params, obj.fisher_diag, obj.anchor)
-            scaled = 0.5 * obj.anchor_weight * penalty
-            for n, g in zip(params, torch.autograd.grad(scaled, list(params.values()), allow_unused=True)):
-                if g is not None:
-                    grads[n] = grads[n] + g
-        total = total + scaled.detach()
+            found = torch.autograd.grad(0.5 * obj.anchor_weight * penalty, list(params.values()), allow_unused=True)
+            anchor_grads = {n: g for n, g in zip(params, found) if g is not None}
+        grads = add_grads(grads, anchor_grads)
+        total = total + (0.5 * obj.anchor_weight * penalty).detach()
         parts["anchor"] = penalty.detach()
     return total, parts, grads
 
@@ -152,7 +149,7 @@ class BatchClosure:
         self.opt.zero_grad(set_to_none=True)
         obj = self.objective
         trace_step = obj.trace_weight > 0 and self.step % obj.trace_every == 0
-        if self.fused and self.fused[0] and self.step % obj.trace_every == 0:
+        if self.fused and self.fused[0] and trace_step:
             out = self._replayed("trace", lambda: fused_trace(obj, self.model, self.params, self.x, self.y))
             if out is not None:
                 return self._apply(*out)

@@ -20,25 +20,10 @@ from smoothpurify.parametrize import prepare
 from smoothpurify.purify import purify
 from smoothpurify.spectral_trace import spectral_fisher_trace
 from smoothpurify.tuning_step import fused_trace, plain_step
+from tests.test_accel import SmallCNN
 
 CE = Categorical()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-
-
-class SmallCNN(nn.Module):
-    classifier_name = "head"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.head = nn.Linear(8 * 4, 4)
-
-    def forward(self, x):
-        h = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
-        return self.head(nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))
 
 
 def data(n=40, dtype=torch.float64):
