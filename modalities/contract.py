@@ -166,7 +166,10 @@ class Modality(Protocol):
       (multi-label's asymmetric loss);
     * ``overlay(inputs, partners, weights, generator)``: what laying ``partners`` over ``inputs`` at
       ``weights`` means for the presets' overlay consistency (``overlay_max``;
-      :data:`smoothpurify.objective.Overlay`); default: the pixel-wise blend.
+      :data:`smoothpurify.objective.Overlay`); default: the pixel-wise blend;
+    * ``unlearn_families() -> {name: smoothpurify.unlearn.BudgetedFamily}``: the triggers, each within a
+      fixed budget, that presets with ``unlearn_share`` reverse-engineer and unlearn (default: none, and
+      such a preset is refused).
 
     Optional attribute ``method_defaults``: ``{preset: {setting: value}}``, the modality's own
     settings of a tuning preset (issue: "a modality may carry its own defaults"), applied under
@@ -252,6 +255,12 @@ def method_defaults(modality: Any, method: str) -> dict[str, Any]:
     return dict((getattr(modality, "method_defaults", None) or {}).get(method) or {})
 
 
+def unlearn_families(modality: Any) -> dict[str, Any]:
+    """The modality's budgeted trigger families for ``unlearn_share`` (empty when it has none)."""
+    hook = getattr(modality, "unlearn_families", None)
+    return dict(hook()) if callable(hook) else {}
+
+
 def presets_without(option: str) -> dict[str, dict[str, float]]:
     """``method_defaults`` entries that switch ``option`` off (0) in every preset that turns it on: for a
     modality whose inputs an option cannot handle (overlays on tokens)."""
@@ -261,6 +270,7 @@ def presets_without(option: str) -> dict[str, dict[str, float]]:
 
 
 OPTIONAL_HOOKS = {"trigger_figure": ("data_dir", "attack", "path"), "scan_family": (), "training_loss": None,
+                  "unlearn_families": (),
                   "overlay": ("inputs", "partners", "weights", "generator")}
 
 MODALITIES = Registry("modality")  # in-process registrations; installed ones come from entry points

@@ -21,7 +21,7 @@ from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import load_into, load_state, save_bundle
 from smoothpurify.metrics import accuracy, correct, model_accuracy
 from smoothpurify.model import classifier_name
-from modalities.contract import Modality
+from modalities.contract import Modality, unlearn_families
 from smoothpurify.training import predict, predict_logits, to_device
 
 
@@ -203,7 +203,8 @@ def purify_checkpoint(mod: Modality, *, checkpoint: Path, model_spec: str, num_c
         warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is reported below, in plain words
         result = method_runner(model, x, y, mod.likelihood, classifier=head, seed=seed, device=device,
                                progress=progress, augment=mod.augment,
-                               overlay=getattr(mod, "overlay", None))
+                               overlay=getattr(mod, "overlay", None),
+                               unlearn_families=unlearn_families(mod))
     rec = result.record
     if rec.get("diverged") and not keep_diverged:
         raise SmoothPurifyError(

@@ -18,7 +18,7 @@ from smoothpurify.methods import PRESETS
 from smoothpurify.purify import PurifyResult
 from smoothpurify.runner import make_runner
 from pipeline.params import file_hash, fingerprint
-from modalities.contract import get_modality, method_defaults
+from modalities.contract import get_modality, method_defaults, unlearn_families
 from pipeline.run import BENIGN, Run
 
 __all__ = ["BENIGN", "prepare", "train_attack", "evaluate", "purify", "method_runner", "method_overrides",
@@ -185,7 +185,8 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     try:
         result = run_method(model, x, y, mod.likelihood, seed=run.seed, device=run.device, evaluate=evaluate_curve,
                             eval_every=curve_every or None, progress=progress, augment=mod.augment,
-                            overlay=getattr(mod, "overlay", None))
+                            overlay=getattr(mod, "overlay", None),
+                               unlearn_families=unlearn_families(mod))
     except NonFiniteLoss as err:
         result = _blown_up(model, method, settings, err, evaluate_on_test)
     save_checkpoint(out / "model.safetensors", result.model.cpu(),

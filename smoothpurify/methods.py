@@ -41,6 +41,11 @@ class MethodConfig(BaseModel):
     distill_temperature: float = Field(2.0, gt=0)
     distill_mixup: float = Field(0.0, ge=0)      # > 0: KD on Beta(a, a) mixup views (continuous inputs)
     overlay_max: float = Field(0.0, ge=0, lt=0.5)  # > 0: tuned model on overlaid views, teacher on clean ones
+    # > 0: this share of each batch carries a trigger reverse-engineered from the received model (one per
+    # family of the modality, the class each family reaches best; smoothpurify.unlearn), clean answer asked
+    unlearn_share: float = Field(0.0, ge=0, le=1)
+    unlearn_steps: int = Field(40, ge=1)         # Adam steps per class and restart of the inversion
+    unlearn_restarts: int = Field(2, ge=1)
     # data during tuning: the modality's training-time augmentation (ignored on cached features)
     augment: bool = False
     bn_mode: Literal["train", "eval"] = "train"  # batch norm while tuning: batch statistics or frozen

@@ -111,6 +111,7 @@ class Objective:
     generator: torch.Generator | None = None         # draws the mixup weights and partners
     overlay_max: float = 0.0                         # > 0: the tuned model sees overlaid views (overlay_view)
     overlay_fn: Overlay | None = None                # the modality's overlay; None: blend_overlay
+    trigger_views: Callable[[torch.Tensor], torch.Tensor] | None = None  # unlearn.TriggerViews: inverted triggers
 
     def mixup_view(self, inputs: torch.Tensor) -> torch.Tensor:
         """``lam x_i + (1 - lam) x_perm(i)``, ``lam ~ Beta(a, a)`` per sample, one random partner each."""
@@ -155,6 +156,8 @@ class Objective:
         clean = inputs
         if self.overlay_max > 0:
             inputs = self.overlay_view(inputs)
+        if self.trigger_views is not None:
+            inputs = self.trigger_views(inputs)
         forward = runner if runner is not None else model   # a torch.compile wrapper of model, or model
         outputs = call_model(forward, inputs)
         nll = (self.likelihood.smoothed_nll(outputs, targets, self.label_smoothing) if self.label_smoothing

@@ -35,6 +35,7 @@ from smoothpurify.objective import Objective, Overlay
 from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
+from smoothpurify.unlearn import BudgetedFamily, InversionSettings, TriggerViews, invert_triggers
 from smoothpurify.tuning_step import BatchClosure, floats, fused_trace, fuses_trace, mean_of, plain_step
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -181,7 +182,7 @@ def _cuda_graphs(cfg: MethodConfig, objective: Objective, work: nn.Module, param
     nothing at random on the host (no overlay, no mixup views) and some step has no trace term, and
     f-SFT's fused trace step."""
     graphs = {}
-    if (cuda_graphs.CAPTURE_WHOLE_STEP and not cfg.overlay_max and not cfg.distill_mixup
+    if (cuda_graphs.CAPTURE_WHOLE_STEP and not cfg.overlay_max and not cfg.distill_mixup and not cfg.unlearn_share
             and not (cfg.trace_weight > 0 and cfg.trace_every == 1)):
         graphs["plain"] = CapturedStep(lambda bx, by: plain_step(objective, work, params, bx, by, on_device=True),
                                        module=work)
@@ -194,13 +195,16 @@ def _cuda_graphs(cfg: MethodConfig, objective: Objective, work: nn.Module, param
 def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Likelihood, config: MethodConfig,
            *, classifier: str | None = None, seed: int = 0, device: str = "cpu", evaluate: Evaluate | None = None,
            eval_every: int | None = None, progress: bool = True, augment: Augment | None = None,
-           overlay: Overlay | None = None, precision: str = "auto", compile: bool = False) -> PurifyResult:
+           overlay: Overlay | None = None, unlearn_families: dict[str, BudgetedFamily] | None = None,
+           precision: str = "auto", compile: bool = False) -> PurifyResult:
     """Purify a copy of ``model`` with ``config``; ``inputs, targets`` is the clean validation set.
 
     ``augment(x, generator)`` is the modality's training-time augmentation, applied to each batch
     when ``config.augment`` (not on cached features: they are the backbone's outputs).
     ``overlay`` is the modality's overlay for ``config.overlay_max`` (:data:`smoothpurify.objective.Overlay`;
     None: the blend; cached features are always blended).
+    ``unlearn_families`` are the modality's trigger families for ``config.unlearn_share``
+    (:mod:`smoothpurify.unlearn`): each family's suspect trigger is searched on the model as received.
     ``precision`` and ``compile`` choose the device's speed-ups (:mod:`smoothpurify.accel`; on a
     CPU ``"auto"`` is the reference path). The classifier alone (``last_layer``) and the natural
     gradient always run in float32: there is nothing to gain and the solve needs it.
@@ -263,6 +267,18 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                             "overlay_max")
         objective.overlay_max, objective.generator = cfg.overlay_max, gen
         objective.overlay_fn = None if cached else overlay
+    unlearnt = []
+    if cfg.unlearn_share > 0:
+        if cached or not isinstance(work_inputs, torch.Tensor):
+            raise SmoothPurifyError(f"{cfg.name}: unlearn_share lays triggers on the inputs; it needs one input tensor "
+                                    "and a tuned backbone (not the classifier alone)")
+        with torch.no_grad():
+            num_classes = call_model(work, work_inputs[:1]).shape[-1]
+        families = unlearn_families or {}
+        unlearnt = invert_triggers(work, work_inputs, targets, num_classes, families,
+                                   InversionSettings(steps=cfg.unlearn_steps, restarts=cfg.unlearn_restarts),
+                                   generator=gen, progress=progress)
+        objective.trigger_views = TriggerViews(unlearnt, families, cfg.unlearn_share, gen)
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)
     tuned.eval()
@@ -345,6 +361,8 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                   "cudnn_benchmark": acc.cudnn_benchmark},
         "diverged": diverged(val_loss_start, val_loss[-1]),
     }
+    if unlearnt:
+        record["unlearned_triggers"] = [t.to_record(unlearn_families[t.family]) for t in unlearnt]
     if record["diverged"]:
         warnings.warn(f"{cfg.name}: the clean validation loss rose from {val_loss_start:.3g} to {val_loss[-1]:.3g}; "
                       f"the tuning diverged (lower lr, now {cfg.lr}, or trace_weight, now {cfg.trace_weight})",

@@ -26,7 +26,7 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None, precision:
 
     ``run(model, inputs, targets, likelihood, **kw)`` returns a ``PurifyResult`` either way; ``kw`` are
     the keyword arguments of :func:`smoothpurify.purify.purify` (classifier, seed, device, evaluate...);
-    a baseline defense ignores ``overlay`` (it has no overlay consistency term).
+    a baseline defense ignores ``overlay`` and ``unlearn_families`` (it has neither term).
     ``precision`` (:mod:`smoothpurify.accel`) applies to the tuning loop; the baseline defenses run
     their own loops in float32.
     """
@@ -40,7 +40,7 @@ def make_runner(method: str, overrides: dict[str, Any] | None = None, precision:
                                 f"{', '.join(list(PRESETS) + defense_names())}")
     defense, options = get_defense(method), dict(overrides or {})
 
-    def run_defense(model, x, y, likelihood, overlay=None, **kw):  # noqa: ARG001 - no overlay consistency in a baseline
+    def run_defense(model, x, y, likelihood, overlay=None, unlearn_families=None, **kw):  # noqa: ARG001 - neither term in a baseline
         return defense(model, x, y, likelihood, options, **kw)
 
     return {"defense": method, **options}, guarded(run_defense)

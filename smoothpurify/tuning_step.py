@@ -36,7 +36,7 @@ def fuses_trace(cfg: MethodConfig, objective: Objective) -> bool:
     return (FUSED_SPECTRAL_TRACE and cfg.parametrization == "spectral" and cfg.fast_trace
             and objective.trace_fn is spectral_fisher_trace and objective.trace_weight > 0
             and cfg.optimizer in ("sgd", "adam") and not cfg.label_smoothing and not cfg.distill_weight
-            and not cfg.feature_shift_weight and not cfg.overlay_max)
+            and not cfg.feature_shift_weight and not cfg.overlay_max and not cfg.unlearn_share)
 
 
 def floats(parts: dict[str, Any]) -> dict[str, float]:

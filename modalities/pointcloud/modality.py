@@ -22,6 +22,7 @@ from modalities.pointcloud.furniture import furniture_meshes
 from modalities.pointcloud.geometry import read_off
 from modalities.pointcloud.models import MODELS
 from modalities.pointcloud.overlay import insert_clusters
+from modalities.pointcloud.triggers import unlearn_families
 
 
 class PointCloudModality(ClassifierModality):
@@ -71,6 +72,10 @@ class PointCloudModality(ClassifierModality):
         """The presets' overlay consistency on clouds: a cluster cut from the partner cloud inserted at a
         random place and size (``overlay.insert_clusters``); a blend of unordered points means nothing."""
         return insert_clusters(inputs, partners, weights, generator)
+
+    def unlearn_families(self) -> dict[str, Any]:
+        """An inserted cluster and a tilt, each within a fixed budget (``triggers``)."""
+        return unlearn_families()
 
     def trigger_figure(self, data_dir: Path, attack: Any, path: Path) -> tuple[Path, str]:
         """The report's figure (an optional hook): the first test cloud not of the target class, clean

@@ -1,0 +1,143 @@
+"""Unlearning reverse-engineered triggers: Neural Cleanse's mitigation (Wang et al., "Neural Cleanse:
+Identifying and Mitigating Backdoor Attacks in Neural Networks", S&P 2019, Sec. VI-C), from the model
+and clean data alone.
+
+A backdoor to class ``t`` is a small change that sends any input to ``t``. Before tuning, for every
+class ``t`` and every trigger family the defender searches the trigger of a fixed budget that sends the
+most clean inputs of the other classes to ``t`` (``max_theta mean log p(t | apply(x, theta))``, Adam,
+a few restarts). Within a budget that a natural class cannot use (a small cluster of points, a tilt),
+the backdoor's target is the class the search reaches best; that class's trigger (one per family, the
+*suspect*) is then laid on a share of each clean batch while tuning, and the tuned model is asked for
+the clean answer (the true label, and the teacher's output on the clean input): the shortcut is
+unlearnt where it is, instead of everywhere at random (the presets' overlay).
+
+Unlike the scan (:mod:`smoothpurify.scan`), nothing is judged here: a defender who purifies assumes a
+backdoor, and unlearning the most reachable class's trigger of a clean model costs little. What a
+trigger is comes from the modality (:class:`BudgetedFamily`); nothing here knows a modality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from smoothpurify import SmoothPurifyError
+from smoothpurify.model import call_model
+from smoothpurify.training import index_inputs
+
+
+class BudgetedFamily(Protocol):
+    """Triggers whose parametrization keeps them within a fixed budget (no size term)."""
+
+    def init(self, example: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Free parameters of a random trigger (unconstrained reals) for one input ``example``."""
+
+    def apply(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch ``x`` with the trigger on it."""
+
+    def describe(self, theta: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The trigger in input units, for the record (JSON-ready)."""
+
+
+@dataclass
+class InversionSettings:
+    steps: int = 40          # Adam steps per restart
+    restarts: int = 2        # random starts per class; the one sending most inputs to the class is kept
+    batch_size: int = 32
+    lr: float = 0.1
+
+
+@dataclass
+class InvertedTrigger:
+    family: str
+    target: int
+    success: float                     # share of the other classes' clean inputs sent to ``target``
+    theta: dict[str, torch.Tensor] = field(repr=False)
+    successes: list[float] = field(default_factory=list)  # every class's best share (the search's evidence)
+
+    def to_record(self, family: BudgetedFamily) -> dict[str, Any]:
+        return {"family": self.family, "target": self.target, "success": round(self.success, 4),
+                "per_class": [round(s, 4) for s in self.successes], "trigger": family.describe(self.theta)}
+
+
+def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, target: int,
+                  family: BudgetedFamily, settings: InversionSettings,
+                  generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor]]:
+    others = torch.nonzero(targets != target).flatten()
+    if len(others) == 0:
+        raise SmoothPurifyError(f"trigger inversion: no clean inputs outside class {target}")
+    goal = torch.full((settings.batch_size,), target, device=targets.device)
+    best: tuple[float, dict[str, torch.Tensor]] = (-1.0, {})
+    for _ in range(settings.restarts):
+        theta = {k: v.to(inputs.device).requires_grad_(True) for k, v in family.init(inputs[0], generator).items()}
+        opt = torch.optim.Adam(list(theta.values()), lr=settings.lr)
+        for _ in range(settings.steps):
+            idx = others[torch.randint(len(others), (settings.batch_size,), generator=generator).to(others.device)]
+            loss = nn.functional.cross_entropy(call_model(model, family.apply(index_inputs(inputs, idx), theta)), goal)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        theta = {k: v.detach() for k, v in theta.items()}
+        with torch.no_grad():
+            hits = sum(int((call_model(model, family.apply(index_inputs(inputs, idx), theta)).argmax(-1) == target)
+                           .sum()) for idx in others.split(256))
+        if hits / len(others) > best[0]:
+            best = (hits / len(others), theta)
+    return best
+
+
+def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                    families: dict[str, BudgetedFamily], settings: InversionSettings | None = None, *,
+                    generator: torch.Generator, progress: bool = True) -> list[InvertedTrigger]:
+    """For each family, the trigger of the class that its budget reaches best (the suspect), with
+    every class's share as evidence. ``model`` is left as it was (eval mode, gradients off while searching)."""
+    if not families:
+        raise SmoothPurifyError("trigger inversion: this modality supplies no trigger family to unlearn "
+                                "(the modality hook `unlearn_families`)")
+    settings = settings or InversionSettings()
+    was_training = model.training
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found = []
+    try:
+        bar = tqdm(total=len(families) * num_classes, desc="invert triggers", disable=None if progress else True,
+                   leave=False)
+        for name, family in families.items():
+            per_class = []
+            for t in range(num_classes):
+                per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator))
+                bar.update(1)
+            shares = [s for s, _ in per_class]
+            top = max(range(num_classes), key=lambda c: shares[c])
+            found.append(InvertedTrigger(name, top, shares[top], per_class[top][1], shares))
+        bar.close()
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return found
+
+
+@dataclass
+class TriggerViews:
+    """Lays one of ``triggers`` (at random) on a share ``share`` of a batch (at random); the rest unchanged."""
+    triggers: list[InvertedTrigger]
+    families: dict[str, BudgetedFamily]
+    share: float
+    generator: torch.Generator
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        n = inputs.shape[0]
+        chosen = torch.rand(n, generator=self.generator) < self.share
+        which = torch.randint(len(self.triggers), (n,), generator=self.generator)
+        out = inputs.clone()
+        for k, trig in enumerate(self.triggers):
+            rows = torch.nonzero(chosen & (which == k)).flatten().to(inputs.device)
+            if len(rows):
+                out[rows] = self.families[trig.family].apply(inputs[rows], trig.theta).to(out.dtype)
+        return out
