@@ -46,6 +46,7 @@ class MethodConfig(BaseModel):
     unlearn_share: float = Field(0.0, ge=0, le=1)
     unlearn_steps: int = Field(40, ge=1)         # Adam steps per class and restart of the inversion
     unlearn_restarts: int = Field(2, ge=1)
+    unlearn_only: Optional[list[str]] = None      # the families to search (None: every one the modality has)
     # data during tuning: the modality's training-time augmentation (ignored on cached features)
     augment: bool = False
     bn_mode: Literal["train", "eval"] = "train"  # batch norm while tuning: batch statistics or frozen

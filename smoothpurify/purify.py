@@ -274,7 +274,13 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                                     "and a tuned backbone (not the classifier alone)")
         with torch.no_grad():
             num_classes = call_model(work, work_inputs[:1]).shape[-1]
-        families = unlearn_families or {}
+        families = dict(unlearn_families or {})
+        if cfg.unlearn_only is not None:
+            unknown = sorted(set(cfg.unlearn_only) - set(families))
+            if unknown:
+                raise SmoothPurifyError(f"{cfg.name}: unlearn_only names {', '.join(unknown)}, not a trigger family of "
+                                        f"this modality ({', '.join(families) or 'it has none'})")
+            families = {k: v for k, v in families.items() if k in cfg.unlearn_only}
         unlearnt = invert_triggers(work, work_inputs, targets, num_classes, families,
                                    InversionSettings(steps=cfg.unlearn_steps, restarts=cfg.unlearn_restarts),
                                    generator=gen, progress=progress)

@@ -17,6 +17,7 @@ trigger is comes from the modality (:class:`BudgetedFamily`); nothing here knows
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,12 +66,13 @@ class InvertedTrigger:
 
 def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, target: int,
                   family: BudgetedFamily, settings: InversionSettings,
-                  generator: torch.Generator) -> tuple[float, dict[str, torch.Tensor]]:
+                  generator: torch.Generator) -> tuple[tuple[float, float], dict[str, torch.Tensor]]:
+    """``((share sent to target, their mean log-posterior of target), theta)`` of the best restart."""
     others = torch.nonzero(targets != target).flatten()
     if len(others) == 0:
         raise SmoothPurifyError(f"trigger inversion: no clean inputs outside class {target}")
     goal = torch.full((settings.batch_size,), target, device=targets.device)
-    best: tuple[float, dict[str, torch.Tensor]] = (-1.0, {})
+    best: tuple[tuple[float, float], dict[str, torch.Tensor]] = ((-1.0, -math.inf), {})
     for _ in range(settings.restarts):
         theta = {k: v.to(inputs.device).requires_grad_(True) for k, v in family.init(inputs[0], generator).items()}
         opt = torch.optim.Adam(list(theta.values()), lr=settings.lr)
@@ -81,11 +83,15 @@ def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             loss.backward()
             opt.step()
         theta = {k: v.detach() for k, v in theta.items()}
+        hits, log_p = 0, 0.0
         with torch.no_grad():
-            hits = sum(int((call_model(model, family.apply(index_inputs(inputs, idx), theta)).argmax(-1) == target)
-                           .sum()) for idx in others.split(256))
-        if hits / len(others) > best[0]:
-            best = (hits / len(others), theta)
+            for idx in others.split(256):
+                out = call_model(model, family.apply(index_inputs(inputs, idx), theta))
+                hits += int((out.argmax(-1) == target).sum())
+                log_p += float(out.log_softmax(-1)[:, target].sum())
+        score = (hits / len(others), log_p / len(others))
+        if score > best[0]:
+            best = (score, theta)
     return best
 
 
@@ -112,8 +118,9 @@ def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             for t in range(num_classes):
                 per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator))
                 bar.update(1)
-            shares = [s for s, _ in per_class]
-            top = max(range(num_classes), key=lambda c: shares[c])
+            # the largest share; a tie (two classes every input reaches) goes to the surer class
+            top = max(range(num_classes), key=lambda c: per_class[c][0])
+            shares = [score[0] for score, _ in per_class]
             found.append(InvertedTrigger(name, top, shares[top], per_class[top][1], shares))
         bar.close()
     finally:
