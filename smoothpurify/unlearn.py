@@ -7,7 +7,7 @@ class ``t`` and every trigger family the defender searches the trigger of a fixe
 most clean inputs of the other classes to ``t`` (``max_theta mean log p(t | apply(x, theta))``, Adam,
 a few restarts). Within a budget that a natural class cannot use (a small cluster of points, a tilt),
 the backdoor's target is the class the search reaches best; that class's trigger (one per family, the
-*suspect*) is then laid on a share of each clean batch while tuning, and the tuned model is asked for
+*suspect*; all of them on a tie) is then laid on a share of each clean batch while tuning, and the tuned model is asked for
 the clean answer (the true label, and the teacher's output on the clean input): the shortcut is
 unlearnt where it is, instead of everywhere at random (the presets' overlay).
 
@@ -67,7 +67,8 @@ class InvertedTrigger:
 def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, target: int,
                   family: BudgetedFamily, settings: InversionSettings,
                   generator: torch.Generator) -> tuple[tuple[float, float], dict[str, torch.Tensor]]:
-    """``((share sent to target, their mean log-posterior of target), theta)`` of the best restart."""
+    """``((share sent to target, their mean log-posterior of target), theta)`` of the restart that sends
+    most (the surer one on a tie)."""
     others = torch.nonzero(targets != target).flatten()
     if len(others) == 0:
         raise SmoothPurifyError(f"trigger inversion: no clean inputs outside class {target}")
@@ -98,8 +99,8 @@ def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
                     families: dict[str, BudgetedFamily], settings: InversionSettings | None = None, *,
                     generator: torch.Generator, progress: bool = True) -> list[InvertedTrigger]:
-    """For each family, the trigger of the class that its budget reaches best (the suspect), with
-    every class's share as evidence. ``model`` is left as it was (eval mode, gradients off while searching)."""
+    """For each family, the trigger of the class that its budget reaches best (the suspect; every
+    class tied at the best share), with every class's share as evidence. ``model`` is left as it was (eval mode, gradients off while searching)."""
     if not families:
         raise SmoothPurifyError("trigger inversion: this modality supplies no trigger family to unlearn "
                                 "(the modality hook `unlearn_families`)")
@@ -118,10 +119,10 @@ def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             for t in range(num_classes):
                 per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator))
                 bar.update(1)
-            # the largest share; a tie (two classes every input reaches) goes to the surer class
-            top = max(range(num_classes), key=lambda c: per_class[c][0])
+            # the class reached best; where several are reached equally (every input sent to each), all of them
             shares = [score[0] for score, _ in per_class]
-            found.append(InvertedTrigger(name, top, shares[top], per_class[top][1], shares))
+            found += [InvertedTrigger(name, c, shares[c], per_class[c][1], shares)
+                      for c in range(num_classes) if shares[c] == max(shares)]
         bar.close()
     finally:
         for p, flag in zip(model.parameters(), flags):

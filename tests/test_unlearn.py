@@ -115,7 +115,9 @@ def test_unlearning_removes_a_real_pointba_i_backdoor(tmp_path):
     _, run = make_runner("ft", {"unlearn_share": 0.2, "epochs": 10, "lr_step": None, "unlearn_steps": 30})
     result = run(model, x, y, mod.likelihood, seed=0, augment=mod.augment, unlearn_families=unlearn_families(mod),
                  progress=False)
-    cluster = next(t for t in result.record["unlearned_triggers"] if t["family"] == "cluster")
-    assert cluster["target"] == trigger.target_label
+    # On these tiny clouds (64 points, six primitive shapes) an eighth of the points sends every input to
+    # the target and to one natural class alike: both are unlearnt.
+    clusters = [t for t in result.record["unlearned_triggers"] if t["family"] == "cluster"]
+    assert trigger.target_label in [t["target"] for t in clusters]
     after = mod.evaluate(result.model, built.data_dir, trigger)
     assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.1, (before, after)
