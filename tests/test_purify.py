@@ -26,6 +26,19 @@ class TinyCNN(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
+class PixelShift:
+    """A budgeted trigger for the unlearning presets on toy images: ``x + 0.5 tanh(d)``."""
+
+    def init(self, example, generator):
+        return {"d": torch.randn(example.shape, generator=generator)}
+
+    def apply(self, x, theta):
+        return x + 0.5 * torch.tanh(theta["d"])
+
+    def describe(self, theta):
+        return {"kind": "shift"}
+
+
 def toy_data(n=48):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 1, 4, 4, generator=g)
@@ -38,8 +51,8 @@ def toy_data(n=48):
 def test_every_preset_runs_and_keeps_architecture(method):
     torch.manual_seed(0)
     model, (x, y) = TinyCNN(), toy_data()
-    cfg = method_config(method, {"epochs": 2, "batch_size": 16, "iterations": None})
-    result = purify(model, x, y, Categorical(), cfg, progress=False)
+    cfg = method_config(method, {"epochs": 2, "batch_size": 16, "iterations": None, "unlearn_steps": 2})
+    result = purify(model, x, y, Categorical(), cfg, progress=False, unlearn_families={"shift": PixelShift()})
     assert list(result.model.state_dict()) == list(model.state_dict())
     assert result.record["method"] == method and len(result.record["val_loss"]) == 2
     assert set(result.record["seconds"]) == {"setup", "tuning", "total"}
