@@ -149,3 +149,36 @@ class TriggerViews:
             if len(rows):
                 out[rows] = self.families[trig.family].apply(inputs[rows], trig.theta).to(out.dtype)
         return out
+
+
+class BudgetedPatch:
+    """Neural Cleanse's mask-and-pattern trigger within a fixed area: ``(1 - m) x + m p`` with one mask
+    ``m`` over the last two axes (shared by channels and frames) whose total never exceeds ``share`` of
+    the pixels (``sigmoid(a)``, scaled down when its sum would), and a pattern ``p = sigmoid(b)`` shaped
+    like one input (a frame of its own for every frame of a clip), in the input range [0, 1]."""
+
+    def __init__(self, share: float = 0.1):
+        self.share = share
+
+    def init(self, example: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if example.dim() < 3:
+            raise SmoothPurifyError("a patch trigger needs inputs shaped [..., C, H, W]")
+        h, w = example.shape[-2:]
+        return {"mask": torch.randn(h, w, generator=generator) - 2.0,
+                "pattern": torch.randn(example.shape, generator=generator)}
+
+    def mask(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = torch.sigmoid(theta["mask"])
+        budget = self.share * m.numel()
+        return m * torch.clamp(budget / m.sum(), max=1.0)
+
+    def apply(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = self.mask(theta).to(x)
+        return (1 - m) * x + m * torch.sigmoid(theta["pattern"]).to(x)
+
+    def describe(self, theta: dict[str, torch.Tensor]) -> dict[str, Any]:
+        m = self.mask(theta).detach().cpu()
+        rows, cols = torch.nonzero(m > 0.5, as_tuple=True)
+        box = [int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max())] if len(rows) else None
+        return {"kind": "patch", "area": round(float(m.sum()), 1), "pixels_over_half": int(len(rows)),
+                "box_rows_cols": box}

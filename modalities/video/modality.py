@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
+from smoothpurify.unlearn import BudgetedPatch
 from modalities.kit import SPLITS, ClassifierModality
 from modalities.video import data as vdata
 from modalities.video.attacks import ATTACKS
@@ -56,6 +57,10 @@ class VideoModality(ClassifierModality):
         if len(input_shape) != 4 or input_shape[0] not in (1, 3) or input_shape[2] != input_shape[3]:
             raise SmoothPurifyError(f"video models take [C, T, S, S] clips (C 1 or 3), got shape {list(input_shape)}")
         return {"channels": int(input_shape[0]), "frames": int(input_shape[1]), "size": int(input_shape[2])}
+
+    def unlearn_families(self) -> dict[str, Any]:
+        """``nc``'s trigger: a patch of at most a tenth of the frame, its own pattern in every frame."""
+        return {"patch": BudgetedPatch(share=0.1)}
 
     def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random shift of up to 2 pixels per clip, the same in every frame (zero padding). No flips:
