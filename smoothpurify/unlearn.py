@@ -154,18 +154,18 @@ class TriggerViews:
 class BudgetedPatch:
     """Neural Cleanse's mask-and-pattern trigger within a fixed area: ``(1 - m) x + m p`` with one mask
     ``m`` over the last two axes (shared by channels and frames) whose total never exceeds ``share`` of
-    the pixels (``sigmoid(a)``, scaled down when its sum would), and a pattern ``p = sigmoid(b)`` shaped
-    like one input (a frame of its own for every frame of a clip), in the input range [0, 1]."""
+    the pixels (``sigmoid(a)``, scaled down when its sum would), and a pattern ``p = sigmoid(b)`` in the
+    input range [0, 1]: one picture for every frame of a clip (``static``), or one per frame."""
 
-    def __init__(self, share: float = 0.1):
-        self.share = share
+    def __init__(self, share: float = 0.1, static: bool = False):
+        self.share, self.static = share, static
 
     def init(self, example: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if example.dim() < 3:
             raise SmoothPurifyError("a patch trigger needs inputs shaped [..., C, H, W]")
         h, w = example.shape[-2:]
-        return {"mask": torch.randn(h, w, generator=generator) - 2.0,
-                "pattern": torch.randn(example.shape, generator=generator)}
+        shape = (example.shape[0], *[1] * (example.dim() - 3), h, w) if self.static else example.shape
+        return {"mask": torch.randn(h, w, generator=generator) - 2.0, "pattern": torch.randn(shape, generator=generator)}
 
     def mask(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
         m = torch.sigmoid(theta["mask"])
