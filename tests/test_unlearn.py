@@ -12,7 +12,7 @@ from torch import nn
 from smoothpurify import SmoothPurifyError
 from smoothpurify.likelihood import Categorical
 from smoothpurify.runner import make_runner
-from smoothpurify.unlearn import InversionSettings, InvertedTrigger, TriggerViews, invert_triggers
+from smoothpurify.unlearn import BudgetedPatch, InversionSettings, InvertedTrigger, TriggerViews, invert_triggers
 from modalities.contract import unlearn_families
 from modalities.pointcloud.triggers import ClusterInsertion, Tilt
 from modalities.testing import build
@@ -121,3 +121,19 @@ def test_unlearning_removes_a_real_pointba_i_backdoor(tmp_path):
     assert trigger.target_label in [t["target"] for t in clusters]
     after = mod.evaluate(result.model, built.data_dir, trigger)
     assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.1, (before, after)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_budgeted_patch_never_covers_more_than_its_share(static):
+    fam = BudgetedPatch(share=0.1, static=static)
+    clip = torch.rand(4, 1, 8, 16, 16)
+    theta = fam.init(clip[0], torch.Generator().manual_seed(0))
+    theta["mask"] = theta["mask"] + 10.0   # every pixel wants in: the budget scales the mask down
+    m = fam.mask(theta)
+    assert float(m.sum()) == pytest.approx(0.1 * 16 * 16, rel=1e-5)
+    out = fam.apply(clip, theta)
+    assert out.shape == clip.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    frames_differ = not torch.allclose(out[0, :, 0] - (1 - m) * clip[0, :, 0], out[0, :, 1] - (1 - m) * clip[0, :, 1])
+    assert frames_differ != static   # a static pattern is the same picture in every frame
+    theta["mask"] = torch.full((16, 16), -20.0)   # a tiny mask is left as it is
+    assert float(fam.mask(theta).sum()) < 1e-3
