@@ -185,8 +185,7 @@ def purify(modality: str, params: dict[str, Any], attack: str, method: str, forc
     try:
         result = run_method(model, x, y, mod.likelihood, seed=run.seed, device=run.device, evaluate=evaluate_curve,
                             eval_every=curve_every or None, progress=progress, augment=mod.augment,
-                            overlay=getattr(mod, "overlay", None),
-                               unlearn_families=unlearn_families(mod))
+                            overlay=getattr(mod, "overlay", None), unlearn_families=unlearn_families(mod))
     except NonFiniteLoss as err:
         result = _blown_up(model, method, settings, err, evaluate_on_test)
     save_checkpoint(out / "model.safetensors", result.model.cpu(),
