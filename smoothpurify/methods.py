@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Neural Cleanse's mitigation (Wang et al., S&P 2019, Sec. VI-C): fine-tuning with 20 % of each batch carrying
 # the trigger that the modality's families reverse-engineer from the received model (smoothpurify.unlearn);
-# refused where a modality has no trigger families (point clouds: a cluster and a tilt; video: a patch).
+# refused where a modality has no trigger families (point clouds: a cluster and a tilt; images, video: a patch).
 PRESETS["nc"] = dict(_FT, unlearn_share=0.2)
 # FST plus knowledge distillation from the model as received, on the clean (augmented) batch
 # (objective.py): a stronger feature shift (alpha 1) removes the backdoor more reliably, the teacher's
@@ -133,7 +133,7 @@ DESCRIPTIONS = {
     "fst-kd": "FST (alpha 1, lr 0.005) + distillation from the received model on clean data",
     "fst-kd-overlay": "fst-kd at alpha 2, beta 2, with overlay consistency: removes more, keeps less ACC",
     "fst": "Feature Shift Tuning (Min et al. 2023): fresh classifier pushed away from the old one",
-    "nc": "Neural Cleanse's unlearning: ft with 20 % of each batch carrying reverse-engineered triggers (point clouds, video)",
+    "nc": "Neural Cleanse's unlearning: ft with 20 % of each batch carrying reverse-engineered triggers (point clouds, images, video)",
     "ft": "vanilla fine-tuning of all weights on the clean data (SGD lr 0.01)",
     "ft-init": "fine-tuning with the classifier re-initialised",
     "ft-sam": "FT-SAM (Zhu et al. 2023): adaptive SAM, rho 2, label smoothing 0.1",

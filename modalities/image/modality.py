@@ -10,6 +10,7 @@ import torch
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.checkpoint import write_json
+from smoothpurify.unlearn import BudgetedPatch
 from modalities.image import data as imdata
 from modalities.image.attacks import ATTACKS
 from modalities.image.augment import random_shift
@@ -44,6 +45,10 @@ class ImageModality(ClassifierModality):
         if len(input_shape) != 3:
             raise SmoothPurifyError(f"image models take [C, H, W] inputs, got shape {list(input_shape)}")
         return {"in_channels": input_shape[0], "image_size": input_shape[1]}
+
+    def unlearn_families(self) -> dict[str, Any]:
+        """``nc``'s trigger: a patch of at most a twentieth of the image (the video modality's budget)."""
+        return {"patch": BudgetedPatch(share=0.05)}
 
     def augment(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random shifts by up to 2 pixels per image, as in training; no flips (they move a patch)."""
