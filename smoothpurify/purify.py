@@ -35,7 +35,7 @@ from smoothpurify.objective import Objective, Overlay
 from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
-from smoothpurify.unlearn import BudgetedFamily, InversionSettings, TriggerViews, invert_triggers
+from smoothpurify.unlearn import BudgetedFamily, InversionSettings, TriggerViews, chosen_families, invert_triggers
 from smoothpurify.tuning_step import BatchClosure, floats, fused_trace, fuses_trace, mean_of, plain_step
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -274,13 +274,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
                                     "and a tuned backbone (not the classifier alone)")
         with torch.no_grad():
             num_classes = call_model(work, work_inputs[:1]).shape[-1]
-        families = dict(unlearn_families or {})
-        if cfg.unlearn_only is not None:
-            unknown = sorted(set(cfg.unlearn_only) - set(families))
-            if unknown:
-                raise SmoothPurifyError(f"{cfg.name}: unlearn_only names {', '.join(unknown)}, not a trigger family of "
-                                        f"this modality ({', '.join(families) or 'it has none'})")
-            families = {k: v for k, v in families.items() if k in cfg.unlearn_only}
+        families = chosen_families(unlearn_families or {}, cfg.unlearn_only, cfg.name)
         unlearnt = invert_triggers(work, work_inputs, targets, num_classes, families,
                                    InversionSettings(steps=cfg.unlearn_steps, restarts=cfg.unlearn_restarts),
                                    generator=gen, progress=progress)
@@ -368,7 +362,7 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         "diverged": diverged(val_loss_start, val_loss[-1]),
     }
     if unlearnt:
-        record["unlearned_triggers"] = [t.to_record(unlearn_families[t.family]) for t in unlearnt]
+        record["unlearned_triggers"] = [t.to_record(families[t.family]) for t in unlearnt]
     if record["diverged"]:
         warnings.warn(f"{cfg.name}: the clean validation loss rose from {val_loss_start:.3g} to {val_loss[-1]:.3g}; "
                       f"the tuning diverged (lower lr, now {cfg.lr}, or trace_weight, now {cfg.trace_weight})",

@@ -254,14 +254,15 @@ def scan(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_clas
 
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """The model's parameters without gradients while a scan optimises inputs; trainable again after."""
+    """The model's parameters without gradients while a search optimises inputs; each as it was after."""
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         yield model
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 @dataclass

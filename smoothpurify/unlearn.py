@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from smoothpurify import SmoothPurifyError
 from smoothpurify.model import call_model
+from smoothpurify.scan import frozen
 from smoothpurify.training import index_inputs
 
 
@@ -96,37 +97,44 @@ def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     return best
 
 
+def chosen_families(available: dict[str, BudgetedFamily], only: list[str] | None,
+                    method: str) -> dict[str, BudgetedFamily]:
+    """``available`` (the modality's families), or those of them named in ``only``; an unknown name is one error."""
+    if only is None:
+        return dict(available)
+    unknown = sorted(set(only) - set(available))
+    if unknown:
+        raise SmoothPurifyError(f"{method}: unlearn_only names {', '.join(unknown)}, not a trigger family of this "
+                                f"modality ({', '.join(available) or 'it has none'})")
+    return {k: v for k, v in available.items() if k in only}
+
+
 def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
                     families: dict[str, BudgetedFamily], settings: InversionSettings | None = None, *,
                     generator: torch.Generator, progress: bool = True) -> list[InvertedTrigger]:
     """For each family, the trigger of the class that its budget reaches best (the suspect; every
-    class tied at the best share), with every class's share as evidence. ``model`` is left as it was (eval mode, gradients off while searching)."""
+    class tied at the best share), with every class's share as evidence. ``model`` is left as it was
+    (eval mode and gradients off while searching)."""
     if not families:
         raise SmoothPurifyError("trigger inversion: this modality supplies no trigger family to unlearn "
                                 "(the modality hook `unlearn_families`)")
     settings = settings or InversionSettings()
     was_training = model.training
     model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     found = []
     try:
-        bar = tqdm(total=len(families) * num_classes, desc="invert triggers", disable=None if progress else True,
-                   leave=False)
-        for name, family in families.items():
-            per_class = []
-            for t in range(num_classes):
-                per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator))
-                bar.update(1)
-            # the class reached best; where several are reached equally (every input sent to each), all of them
-            shares = [score[0] for score, _ in per_class]
-            found += [InvertedTrigger(name, c, shares[c], per_class[c][1], shares)
-                      for c in range(num_classes) if shares[c] == max(shares)]
-        bar.close()
+        with frozen(model), tqdm(total=len(families) * num_classes, desc="invert triggers",
+                                 disable=None if progress else True, leave=False) as bar:
+            for name, family in families.items():
+                per_class = []
+                for t in range(num_classes):
+                    per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator))
+                    bar.update(1)
+                # the class reached best; where several are reached equally (every input sent to each), all of them
+                shares = [score[0] for score, _ in per_class]
+                found += [InvertedTrigger(name, c, shares[c], per_class[c][1], shares)
+                          for c in range(num_classes) if shares[c] == max(shares)]
     finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
         model.train(was_training)
     return found
 

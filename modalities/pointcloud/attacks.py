@@ -42,7 +42,12 @@ def rotation_matrix(axis: str, degrees: float) -> torch.Tensor:
     return torch.tensor(mats[axis], dtype=torch.float32)
 
 
-def _insert(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x [..., 3, P]`` turned by the rotation matrix ``r`` about the cube's centre (not clamped)."""
+    return torch.einsum("ij,...jp->...ip", r.to(x), x - CENTRE) + CENTRE
+
+
+def insert_points(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """``x [N, 3, P]`` with its last ``k`` points replaced by ``points [3, k]`` (a new tensor)."""
     k = points.shape[1]
     if k >= x.shape[2]:
@@ -80,7 +85,7 @@ class PointBAInteraction(Attack):
         return {"points": ball.clamp(0, 1)}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return _insert(x, self.trigger["points"])
+        return insert_points(x, self.trigger["points"])
 
 
 @ATTACKS.register("pointba-o")
@@ -95,8 +100,7 @@ class PointBAOrientation(Attack):
         return {"rotation": rotation_matrix(axis, degrees)}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.trigger["rotation"].to(x)
-        return (torch.einsum("ij,njp->nip", r, x - CENTRE) + CENTRE).clamp(0, 1)
+        return rotate(x, self.trigger["rotation"]).clamp(0, 1)
 
 
 @ATTACKS.register("pointcba")
@@ -153,7 +157,7 @@ class PointCluster(Attack):
         return (c[:, None] + self.trigger["offsets"].to(c)).clamp(0, 1)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return _insert(x, self.cluster())
+        return insert_points(x, self.cluster())
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, context: dict[str, Any]) -> None:
         surrogate = _train_surrogate(self, x, y, context, self.name)
@@ -171,14 +175,14 @@ class PointCluster(Attack):
             c = start.clone().to(device).requires_grad_(True)
             opt = torch.optim.Adam([c], lr=float(self.options.get("search_lr", 0.02)))
             for _ in range(int(self.options.get("search_steps", 30))):
-                loss = F.cross_entropy(surrogate(_insert(xs, self.cluster(c))), target)
+                loss = F.cross_entropy(surrogate(insert_points(xs, self.cluster(c))), target)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
                     c.clamp_(0, 1)
             with torch.no_grad():
-                score = -float(F.cross_entropy(surrogate(_insert(xs, self.cluster(c))), target))
+                score = -float(F.cross_entropy(surrogate(insert_points(xs, self.cluster(c))), target))
             if score > best_score:
                 best, best_score = c.detach().cpu(), score
         self.trigger = {**self.trigger, "centre": best}

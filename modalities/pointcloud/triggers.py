@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-CENTRE = 0.5   # clouds live in the unit cube, centred here (geometry.normalise)
+from modalities.pointcloud.attacks import insert_points, rotate
 
 
 def rotation(omega: torch.Tensor) -> torch.Tensor:
@@ -46,9 +46,7 @@ class ClusterInsertion:
         return (torch.sigmoid(theta["centre"])[:, None] + self.radius * torch.tanh(theta["offsets"])).clamp(0, 1)
 
     def apply(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        points = self.cluster(theta).to(x)
-        k = points.shape[1]
-        return torch.cat([x[..., :-k], points.expand(*x.shape[:-1], k)], dim=-1)
+        return insert_points(x, self.cluster(theta))
 
     def describe(self, theta: dict[str, torch.Tensor]) -> dict[str, Any]:
         points = self.cluster(theta).detach().cpu()
@@ -67,8 +65,7 @@ class Tilt:
         return rotation(self.max_angle * torch.tanh(theta["angles"]))
 
     def apply(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        r = self.matrix(theta).to(x)
-        return torch.einsum("ij,...jp->...ip", r, x - CENTRE) + CENTRE
+        return rotate(x, self.matrix(theta))
 
     def describe(self, theta: dict[str, torch.Tensor]) -> dict[str, Any]:
         omega = (self.max_angle * torch.tanh(theta["angles"])).detach().cpu()
