@@ -46,6 +46,8 @@ class MethodConfig(BaseModel):
     unlearn_share: float = Field(0.0, ge=0, le=1)
     unlearn_steps: int = Field(40, ge=1)         # Adam steps per class and restart of the inversion
     unlearn_restarts: int = Field(2, ge=1)
+    unlearn_grid: bool = False                    # first restarts at the family's grid (those that have one)
+    unlearn_rounds: int = Field(1, ge=1)          # searches, at the starts of equal parts of the tuning (unlearn.search_epochs)
     unlearn_only: Optional[list[str]] = None      # the families to search (None: every one the modality has)
     # data during tuning: the modality's training-time augmentation (ignored on cached features)
     augment: bool = False

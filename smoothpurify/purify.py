@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -35,7 +36,8 @@ from smoothpurify.objective import Objective, Overlay
 from smoothpurify.optim import make_optimizer
 from smoothpurify.parametrize import prepare
 from smoothpurify.training import index_inputs, num_samples, to_device
-from smoothpurify.unlearn import BudgetedFamily, InversionSettings, TriggerViews, chosen_families, invert_triggers
+from smoothpurify.unlearn import (BudgetedFamily, InversionSettings, TriggerViews, chosen_families, invert_triggers,
+                                  search_epochs)
 from smoothpurify.tuning_step import BatchClosure, floats, fused_trace, fuses_trace, mean_of, plain_step
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -275,10 +277,12 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
         with torch.no_grad():
             num_classes = call_model(work, work_inputs[:1]).shape[-1]
         families = chosen_families(unlearn_families or {}, cfg.unlearn_only, cfg.name)
-        unlearnt = invert_triggers(work, work_inputs, targets, num_classes, families,
-                                   InversionSettings(steps=cfg.unlearn_steps, restarts=cfg.unlearn_restarts),
+        search = functools.partial(invert_triggers, work, work_inputs, targets, num_classes, families,
+                                   InversionSettings(steps=cfg.unlearn_steps, restarts=cfg.unlearn_restarts,
+                                                     grid=cfg.unlearn_grid),
                                    generator=gen, progress=progress)
-        objective.trigger_views = TriggerViews(unlearnt, families, cfg.unlearn_share, gen)
+        unlearnt = search()
+        objective.trigger_views = TriggerViews(unlearnt, families, cfg.unlearn_share, gen)  # views see later finds too
     if cfg.reinit_classifier:
         _reinit_classifier(head, seed)
     tuned.eval()
@@ -301,9 +305,12 @@ def purify(model: nn.Module, inputs: Any, targets: torch.Tensor, likelihood: Lik
     steps_total = cfg.iterations or cfg.epochs * math.ceil(n / batch_size)
     epochs_total = math.ceil(steps_total / math.ceil(n / batch_size))
     do_augment = cfg.augment and augment is not None and not cached
+    searches = search_epochs(epochs_total, cfg.unlearn_rounds)[1:] if unlearnt else []
     bar = tqdm(total=steps_total, desc=f"purify {cfg.name}", disable=None if progress else True, leave=False)
     t1 = time.perf_counter()
     for epoch, order in enumerate(_epochs(cfg, n, batch_size, gen), start=1):
+        if epoch in searches:  # before train(): the search leaves the model in the mode it found
+            unlearnt += search(epoch=epoch)
         part_sums.append({})
         tuned.train()
         if cfg.bn_mode == "eval":

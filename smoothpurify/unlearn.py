@@ -43,6 +43,9 @@ class BudgetedFamily(Protocol):
     def describe(self, theta: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The trigger in input units, for the record (JSON-ready)."""
 
+    # Optional: ``grid(example) -> list[theta]``, a coarse grid over a low-dimensional budget (a tilt's three
+    # angles). With ``InversionSettings.grid`` each class's first restart starts at the grid's best for it.
+
 
 @dataclass
 class InversionSettings:
@@ -50,6 +53,7 @@ class InversionSettings:
     restarts: int = 2        # random starts per class; the one sending most inputs to the class is kept
     batch_size: int = 32
     lr: float = 0.1
+    grid: bool = False       # start each class's first restart at the family's grid point that suits it best
 
 
 @dataclass
@@ -59,24 +63,27 @@ class InvertedTrigger:
     success: float                     # share of the other classes' clean inputs sent to ``target``
     theta: dict[str, torch.Tensor] = field(repr=False)
     successes: list[float] = field(default_factory=list)  # every class's best share (the search's evidence)
+    epoch: int = 1                     # the tuning epoch at whose start it was found
 
     def to_record(self, family: BudgetedFamily) -> dict[str, Any]:
-        return {"family": self.family, "target": self.target, "success": round(self.success, 4),
+        return {"family": self.family, "target": self.target, "epoch": self.epoch, "success": round(self.success, 4),
                 "per_class": [round(s, 4) for s in self.successes], "trigger": family.describe(self.theta)}
 
 
 def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, target: int,
                   family: BudgetedFamily, settings: InversionSettings,
-                  generator: torch.Generator) -> tuple[tuple[float, float], dict[str, torch.Tensor]]:
+                  generator: torch.Generator, start: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[tuple[float, float], dict[str, torch.Tensor]]:
     """``((share sent to target, their mean log-posterior of target), theta)`` of the restart that sends
-    most (the surer one on a tie)."""
+    most (the surer one on a tie); the first restart starts at ``start`` where given."""
     others = torch.nonzero(targets != target).flatten()
     if len(others) == 0:
         raise SmoothPurifyError(f"trigger inversion: no clean inputs outside class {target}")
     goal = torch.full((settings.batch_size,), target, device=targets.device)
     best: tuple[tuple[float, float], dict[str, torch.Tensor]] = ((-1.0, -math.inf), {})
-    for _ in range(settings.restarts):
-        theta = {k: v.to(inputs.device).requires_grad_(True) for k, v in family.init(inputs[0], generator).items()}
+    for restart in range(settings.restarts):
+        first = start if restart == 0 and start is not None else family.init(inputs[0], generator)
+        theta = {k: v.detach().clone().to(inputs.device).requires_grad_(True) for k, v in first.items()}
         opt = torch.optim.Adam(list(theta.values()), lr=settings.lr)
         for _ in range(settings.steps):
             idx = others[torch.randint(len(others), (settings.batch_size,), generator=generator).to(others.device)]
@@ -85,16 +92,47 @@ def _best_trigger(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             loss.backward()
             opt.step()
         theta = {k: v.detach() for k, v in theta.items()}
-        hits, log_p = 0, 0.0
-        with torch.no_grad():
-            for idx in others.split(256):
-                out = call_model(model, family.apply(index_inputs(inputs, idx), theta))
-                hits += int((out.argmax(-1) == target).sum())
-                log_p += float(out.log_softmax(-1)[:, target].sum())
-        score = (hits / len(others), log_p / len(others))
+        score = _scores(model, inputs, targets, family, theta)[target]
         if score > best[0]:
             best = (score, theta)
     return best
+
+
+def _scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, family: BudgetedFamily,
+            theta: dict[str, torch.Tensor]) -> list[tuple[float, float]]:
+    """For every class ``t``: (share of the inputs outside ``t`` that the trigger sends to ``t``, their mean
+    log-posterior of ``t``)."""
+    log_p = []
+    with torch.no_grad():
+        for idx in torch.arange(len(targets), device=targets.device).split(256):
+            log_p.append(call_model(model, family.apply(index_inputs(inputs, idx), theta)).log_softmax(-1).float())
+    log_p = torch.cat(log_p)
+    hit = nn.functional.one_hot(log_p.argmax(-1), log_p.shape[-1]).bool()
+    out = []
+    for t in range(log_p.shape[-1]):
+        others = targets != t
+        n = max(int(others.sum()), 1)
+        out.append((int(hit[others, t].sum()) / n, float(log_p[others, t].sum()) / n))
+    return out
+
+
+def _grid_starts(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, family: BudgetedFamily,
+                 num_classes: int, progress: bool) -> list[dict[str, torch.Tensor] | None]:
+    """Per class, the point of the family's grid that sends most other inputs to it (None: no grid)."""
+    if not hasattr(family, "grid"):
+        return [None] * num_classes
+    points = family.grid(inputs[0])
+    scored = [_scores(model, inputs, targets, family, {k: v.to(inputs.device) for k, v in theta.items()})
+              for theta in tqdm(points, desc="trigger grid", leave=False, disable=None if progress else True)]
+    return [points[max(range(len(points)), key=lambda g: scored[g][t])] for t in range(num_classes)]
+
+
+def search_epochs(epochs: int, rounds: int) -> list[int]:
+    """The epochs (from 1) at whose start the families are searched: the tuning cut into ``rounds`` equal
+    parts. A later search looks at the model being tuned, so it finds what the earlier triggers left of the
+    backdoor (another angle or place that still works), and its triggers join the earlier ones."""
+    parts = max(1, min(rounds, epochs))
+    return [1 + (r * epochs) // parts for r in range(parts)]
 
 
 def chosen_families(available: dict[str, BudgetedFamily], only: list[str] | None,
@@ -111,7 +149,7 @@ def chosen_families(available: dict[str, BudgetedFamily], only: list[str] | None
 
 def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
                     families: dict[str, BudgetedFamily], settings: InversionSettings | None = None, *,
-                    generator: torch.Generator, progress: bool = True) -> list[InvertedTrigger]:
+                    generator: torch.Generator, progress: bool = True, epoch: int = 1) -> list[InvertedTrigger]:
     """For each family, the trigger of the class that its budget reaches best (the suspect; every
     class tied at the best share), with every class's share as evidence. ``model`` is left as it was
     (eval mode and gradients off while searching)."""
@@ -127,12 +165,14 @@ def invert_triggers(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
                                  disable=None if progress else True, leave=False) as bar:
             for name, family in families.items():
                 per_class = []
+                starts = (_grid_starts(model, inputs, targets, family, num_classes, progress) if settings.grid
+                          else [None] * num_classes)
                 for t in range(num_classes):
-                    per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator))
+                    per_class.append(_best_trigger(model, inputs, targets, t, family, settings, generator, starts[t]))
                     bar.update(1)
                 # the class reached best; where several are reached equally (every input sent to each), all of them
                 shares = [score[0] for score, _ in per_class]
-                found += [InvertedTrigger(name, c, shares[c], per_class[c][1], shares)
+                found += [InvertedTrigger(name, c, shares[c], per_class[c][1], shares, epoch)
                           for c in range(num_classes) if shares[c] == max(shares)]
     finally:
         model.train(was_training)

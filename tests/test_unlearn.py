@@ -12,7 +12,8 @@ from torch import nn
 from smoothpurify import SmoothPurifyError
 from smoothpurify.likelihood import Categorical
 from smoothpurify.runner import make_runner
-from smoothpurify.unlearn import BudgetedPatch, InversionSettings, InvertedTrigger, TriggerViews, invert_triggers
+from smoothpurify.unlearn import (BudgetedPatch, InversionSettings, InvertedTrigger, TriggerViews, invert_triggers,
+                                  search_epochs)
 from modalities.contract import unlearn_families
 from modalities.pointcloud.triggers import ClusterInsertion, Tilt
 from modalities.testing import build
@@ -121,6 +122,55 @@ def test_unlearning_removes_a_real_pointba_i_backdoor(tmp_path):
     assert trigger.target_label in [t["target"] for t in clusters]
     after = mod.evaluate(result.model, built.data_dir, trigger)
     assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.1, (before, after)
+
+
+def test_grid_starts_are_the_grid_points_each_class_reaches_best():
+    """With no Adam step the search returns its starts: each class's best grid tilt, by brute force."""
+    x, y = clouds(30, p=16), torch.arange(30) % 3
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    nn.init.normal_(model[1].weight, std=3.0, generator=torch.Generator().manual_seed(2))
+    fam = Tilt()
+    found = invert_triggers(model, x, y, 3, {"tilt": fam}, InversionSettings(steps=0, restarts=1, grid=True),
+                            generator=torch.Generator().manual_seed(0), progress=False)
+    best = []
+    for t in range(3):
+        def score(theta):
+            with torch.no_grad():
+                out = model(fam.apply(x[y != t], theta)).log_softmax(-1)
+            return float((out.argmax(-1) == t).float().mean()), float(out[:, t].mean())
+        best.append(max(fam.grid(x[0]), key=score))
+        shares = found[0].successes
+        assert shares[t] == pytest.approx(score(best[t])[0])
+    assert len(fam.grid(x[0])) == 125
+    for trig in found:
+        assert torch.allclose(trig.theta["angles"], best[trig.target]["angles"])
+
+
+@pytest.mark.parametrize("epochs,rounds", [(20, 3), (20, 1), (7, 2), (2, 5), (100, 4)])
+def test_search_epochs_cut_the_tuning_into_equal_parts(epochs, rounds):
+    starts = search_epochs(epochs, rounds)
+    assert starts[0] == 1 and starts == sorted(set(starts)) and len(starts) == min(rounds, epochs)
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [epochs + 1])]
+    assert max(lengths) - min(lengths) <= 1 and sum(lengths) == epochs
+
+
+def test_a_later_round_searches_the_model_being_tuned(tmp_path):
+    """Two rounds on a really backdoored PointNet: the second search (at epoch 6 of 10) looks at the tuned
+    model, whose backdoor the first round's triggers have removed, so the target's cluster reaches far fewer
+    inputs there than in the received model."""
+    built = build("pointcloud", tmp_path / "run")
+    mod = built.modality
+    trigger = mod.load_attack(built.model_dir(built.attack), mod.data_meta(built.data_dir))
+    model, _ = mod.load_model(built.model_dir(built.attack))
+    x, y = mod.load_split(built.data_dir, "val")
+    _, run = make_runner("ft", {"unlearn_share": 0.2, "epochs": 10, "lr_step": None, "unlearn_steps": 30,
+                                "unlearn_rounds": 2, "unlearn_only": ["cluster"]})
+    record = run(model, x, y, mod.likelihood, seed=0, augment=mod.augment, unlearn_families=unlearn_families(mod),
+                 progress=False).record
+    found = record["unlearned_triggers"]
+    assert sorted({t["epoch"] for t in found}) == [1, 6]
+    first, later = ([t["per_class"][trigger.target_label] for t in found if t["epoch"] == e][0] for e in (1, 6))
+    assert first > 0.8 and later < first - 0.4, found
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -61,6 +61,11 @@ class Tilt:
     def init(self, example: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {"angles": torch.rand(3, generator=generator) * 2 - 1}
 
+    def grid(self, example: torch.Tensor, steps: int = 5) -> list[dict[str, torch.Tensor]]:
+        """``steps``^3 axis-angle vectors evenly over the budget (each component at most 0.8 of it)."""
+        values = torch.linspace(-0.8, 0.8, steps)
+        return [{"angles": torch.atanh(torch.stack([a, b, c]))} for a in values for b in values for c in values]
+
     def matrix(self, theta: dict[str, torch.Tensor]) -> torch.Tensor:
         return rotation(self.max_angle * torch.tanh(theta["angles"]))
 
