@@ -191,8 +191,8 @@ def test_fst_reinitialises_the_classifier_and_keeps_its_norm():
         cfg = method_config(method, {"epochs": 3, "batch_size": 16, "lr": 0.5})
         out = purify(model, x, y, Categorical(), cfg, progress=False).model
         cos = nn.functional.cosine_similarity(out.head.weight.flatten(), model.head.weight.flatten(), dim=0)
-        assert abs(float(cos)) < 0.5, method  # a fresh head, not the backdoored one fine-tuned
-        assert math.isclose(float(out.head.weight.norm()), norm, rel_tol=1e-5) == keeps_norm, method
+        assert abs(float(cos.detach())) < 0.5, method  # a fresh head, not the backdoored one fine-tuned
+        assert math.isclose(float(out.head.weight.detach().norm()), norm, rel_tol=1e-5) == keeps_norm, method
 
 
 def test_augmentation_is_applied_to_every_tuning_batch_and_can_be_switched_off():
