@@ -105,14 +105,21 @@ def test_unlearning_without_families_is_one_clear_error():
         run(model, x, y, Categorical(), progress=False)
 
 
-def test_unlearning_removes_a_real_pointba_i_backdoor(tmp_path):
+def backdoored_pointnet(tmp_path):
+    """The conformance build's PointNet backdoored by PointBA-I: (build, trigger, model, clean val x, y)."""
     built = build("pointcloud", tmp_path / "run")
     mod = built.modality
     trigger = mod.load_attack(built.model_dir(built.attack), mod.data_meta(built.data_dir))
     model, _ = mod.load_model(built.model_dir(built.attack))
+    x, y = mod.load_split(built.data_dir, "val")
+    return built, trigger, model, x, y
+
+
+def test_unlearning_removes_a_real_pointba_i_backdoor(tmp_path):
+    built, trigger, model, x, y = backdoored_pointnet(tmp_path)
+    mod = built.modality
     before = mod.evaluate(model, built.data_dir, trigger)
     assert before["asr"] > 0.8, before
-    x, y = mod.load_split(built.data_dir, "val")
     _, run = make_runner("ft", {"unlearn_share": 0.2, "epochs": 10, "lr_step": None, "unlearn_steps": 30})
     result = run(model, x, y, mod.likelihood, seed=0, augment=mod.augment, unlearn_families=unlearn_families(mod),
                  progress=False)
@@ -158,11 +165,8 @@ def test_a_later_round_searches_the_model_being_tuned(tmp_path):
     """Two rounds on a really backdoored PointNet: the second search (at epoch 6 of 10) looks at the tuned
     model, whose backdoor the first round's triggers have removed, so the target's cluster reaches far fewer
     inputs there than in the received model."""
-    built = build("pointcloud", tmp_path / "run")
+    built, trigger, model, x, y = backdoored_pointnet(tmp_path)
     mod = built.modality
-    trigger = mod.load_attack(built.model_dir(built.attack), mod.data_meta(built.data_dir))
-    model, _ = mod.load_model(built.model_dir(built.attack))
-    x, y = mod.load_split(built.data_dir, "val")
     _, run = make_runner("ft", {"unlearn_share": 0.2, "epochs": 10, "lr_step": None, "unlearn_steps": 30,
                                 "unlearn_rounds": 2, "unlearn_only": ["cluster"]})
     record = run(model, x, y, mod.likelihood, seed=0, augment=mod.augment, unlearn_families=unlearn_families(mod),
